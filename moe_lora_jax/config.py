@@ -1,0 +1,185 @@
+"""Frozen, hashable configuration dataclasses.
+
+`LlamaConfig` describes the base architecture and its dtype policy. It is
+hashable so it can be a static argument of jitted functions and a field of
+Flax modules. It reads and writes Hugging Face `config.json` dictionaries in
+both the transformers 4 layout (`rope_theta`, `rope_scaling`) and the
+transformers 5 layout (`rope_parameters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from moe_lora_jax.errors import MoeLoraError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `default` leaves the frequencies alone."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def to_hf(self) -> dict[str, Any] | None:
+        if self.rope_type == "default":
+            return None
+        out: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            out.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a LLaMA-family decoder plus its dtype and remat policy."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    # Dtype policy: parameters are stored in `param_dtype`, matmuls run in `dtype`;
+    # RMSNorm statistics, RoPE tables and softmax are always float32.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise MoeLoraError(f"LlamaConfig.{name}={getattr(self, name)!r} is not supported: use one of {DTYPES}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise MoeLoraError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}: grouped-query attention needs it to be"
+            )
+        if self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise MoeLoraError(
+                f"rope scaling type {self.rope_scaling.rope_type!r} is not supported: use one of {SUPPORTED_ROPE_TYPES}"
+            )
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def q_width(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    # ------------------------------------------------------------------ HF I/O
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides: Any) -> "LlamaConfig":
+        """Build from a Hugging Face config dict; unsupported features raise MoeLoraError."""
+        _check_supported(hf, source)
+        try:
+            hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+            rope_params = dict(hf.get("rope_parameters") or {})
+            scaling = dict(hf.get("rope_scaling") or rope_params)
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            rope = RopeScaling(
+                rope_type=rope_type,
+                factor=float(scaling.get("factor", 1.0)),
+                low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+            )
+            eos = hf.get("eos_token_id")
+            kwargs = dict(
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_hidden_layers=int(hf["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(hf.get("rope_theta") or rope_params.get("rope_theta", 10000.0)),
+                rope_scaling=rope,
+                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),)),
+                pad_token_id=hf.get("pad_token_id"),
+            )
+        except KeyError as e:
+            raise MoeLoraError(f"{source} lacks the field {e.args[0]!r}: it is not a complete LLaMA config") from None
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A `config.json` dict that transformers' LlamaForCausalLM loads (v4 and v5 keys)."""
+        eos = list(self.eos_token_id)
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling.to_hf(),
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype,
+        }
+
+
+def _check_supported(hf: Mapping[str, Any], source: str) -> None:
+    """Name the first feature of `hf` that this LLaMA implementation does not have."""
+    model_type = hf.get("model_type", "llama")
+    problems = []
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(f"model_type={model_type!r} (only {', '.join(SUPPORTED_MODEL_TYPES)} are supported)")
+    if hf.get("sliding_window") not in (None, 0) and hf.get("use_sliding_window", True):
+        problems.append(f"sliding_window={hf['sliding_window']} (sliding-window attention)")
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if hf.get(key):
+            problems.append(f"{key}={hf[key]} (a mixture-of-experts base model)")
+    for key in ("attention_bias", "mlp_bias", "qkv_bias"):
+        if hf.get(key):
+            problems.append(f"{key}=true (bias terms)")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (only SwiGLU with silu)")
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        problems.append(f"rope scaling type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if problems:
+        raise MoeLoraError(f"{source}: unsupported architecture: {problems[0]}; convert a plain LLaMA checkpoint instead")

@@ -1,0 +1,142 @@
+"""Hugging Face LLaMA checkpoints in: config.json + safetensors (single or sharded), GGUF, hub ids."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from moe_lora_jax.config import LlamaConfig
+from moe_lora_jax.convert.names import IGNORED_SUFFIXES, TensorSpec, get_path, set_path, tensor_specs
+from moe_lora_jax.convert.sources import read_config_json, resolve_hf_dir
+from moe_lora_jax.errors import MoeLoraError
+
+
+def load_hf_llama(
+    path: str | os.PathLike,
+    *,
+    param_dtype: str | None = None,
+    dtype: str | None = None,
+    shardings: Any = None,
+    progress: bool = False,
+) -> tuple[LlamaConfig, dict[str, Any]]:
+    """Load a LLaMA checkpoint as (LlamaConfig, params).
+
+    `path` is a local Hugging Face directory, a `.gguf` file or a hub id.
+    Tensors are read one at a time, checked (present, shape, finite), transposed
+    into Flax layout, cast to `param_dtype` (default float32) and placed on
+    device, with `shardings` (a tree of `jax.sharding.Sharding` shaped like the
+    params) when given, so the host never holds a second copy of the model.
+    """
+    hf_dir = resolve_hf_dir(path)
+    overrides = {k: v for k, v in (("param_dtype", param_dtype or "float32"), ("dtype", dtype)) if v is not None}
+    config = LlamaConfig.from_hf(read_config_json(hf_dir), source=str(hf_dir / "config.json"), **overrides)
+    specs = tensor_specs(config)
+    file_of = _weight_files(hf_dir)
+    _check_tensor_names(file_of, {s.hf_name for s in specs}, hf_dir)
+    params: dict[str, Any] = {}
+    with _Readers() as readers:
+        for spec in tqdm(specs, desc=f"loading {hf_dir.name}", disable=not progress, unit="tensor"):
+            array = _read_checked(readers, hf_dir, file_of, spec)
+            array = np.ascontiguousarray(array.T) if spec.transpose else array
+            array = array.astype(jnp.dtype(config.param_dtype), copy=False)
+            sharding = get_path(shardings, spec.path) if shardings is not None else None
+            set_path(params, spec.path, jax.device_put(array, sharding))
+    return config, params
+
+
+def _weight_files(hf_dir: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise MoeLoraError(f"{index} is not a valid safetensors index ({e!r}): re-download or re-export the model") from None
+        return {name: hf_dir / fname for name, fname in weight_map.items()}
+    single = hf_dir / "model.safetensors"
+    if single.exists():
+        with _open_safetensors(single) as f:
+            return {name: single for name in f.keys()}
+    if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pth")):
+        raise MoeLoraError(
+            f"{hf_dir} holds only PyTorch pickle weights: re-save them as safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True)) and load that directory"
+        )
+    raise MoeLoraError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json: it is not a model directory")
+
+
+def _check_tensor_names(file_of: dict[str, Path], expected: set[str], hf_dir: Path) -> None:
+    for name in sorted(set(file_of) - expected):
+        if name.endswith(IGNORED_SUFFIXES) or name == "lm_head.weight":  # a tied head saved anyway is unused
+            continue
+        what = "bias terms are not supported" if name.endswith(".bias") else "it is not part of a plain LLaMA model"
+        raise MoeLoraError(f"unexpected tensor {name} in {file_of[name].name} ({what}): check that {hf_dir}/config.json matches the weights")
+    for name in sorted(expected - set(file_of)):
+        raise MoeLoraError(f"tensor {name} is missing from the checkpoint in {hf_dir}: the download is incomplete or the config does not match")
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path, framework: str = "numpy"):
+    if not path.exists():
+        raise MoeLoraError(f"{path} is missing: the checkpoint's index names it; re-download the model")
+    try:
+        with safe_open(str(path), framework=framework) as f:
+            yield f
+    except SafetensorError as e:
+        raise MoeLoraError(f"{path} is unreadable ({e}): the file is truncated or corrupt; re-download it") from None
+
+
+class _Readers(contextlib.ExitStack):
+    """Open each safetensors file once (numpy; bfloat16 tensors go through a flax handle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open: dict[tuple[Path, str], Any] = {}
+
+    def get(self, path: Path, framework: str = "numpy") -> Any:
+        key = (path, framework)
+        if key not in self._open:
+            self._open[key] = self.enter_context(_open_safetensors(path, framework))
+        return self._open[key]
+
+
+def _read_checked(readers: _Readers, hf_dir: Path, file_of: dict[str, Path], spec: TensorSpec) -> np.ndarray:
+    path = file_of[spec.hf_name]
+    handle = readers.get(path)
+    try:
+        if handle.get_slice(spec.hf_name).get_dtype() == "BF16":
+            array = np.asarray(readers.get(path, "flax").get_tensor(spec.hf_name))
+        else:
+            array = handle.get_tensor(spec.hf_name)
+    except SafetensorError as e:
+        raise MoeLoraError(f"{path.name}: cannot read tensor {spec.hf_name} ({e}); the file is corrupt, re-download it") from None
+    if tuple(array.shape) != spec.hf_shape:
+        raise MoeLoraError(
+            f"tensor {spec.hf_name} in {path.name} has shape {tuple(array.shape)}, expected {spec.hf_shape} "
+            f"from {hf_dir.name}/config.json: the weights and the config do not belong together"
+        )
+    if not np.isfinite(array.astype(np.float32, copy=False)).all():
+        raise MoeLoraError(f"tensor {spec.hf_name} in {path.name} holds NaN or Inf values: the checkpoint is corrupt; re-download it")
+    return array
+
+
+def load_llama(path: str | os.PathLike, **kwargs: Any) -> tuple[LlamaConfig, dict[str, Any]]:
+    """Load from any supported source: an orbax directory written by `moe-lora convert`, or what `load_hf_llama` takes."""
+    from moe_lora_jax.convert.orbax_io import is_orbax_model, load_orbax_llama
+
+    if is_orbax_model(path):
+        config, params = load_orbax_llama(path)
+        if kwargs.get("param_dtype") or kwargs.get("dtype"):
+            config = config.replace(**{k: v for k, v in kwargs.items() if k in ("param_dtype", "dtype") and v})
+            params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)
+        return config, params
+    return load_hf_llama(path, **kwargs)
