@@ -13,6 +13,11 @@ Parameter tree (mirrors Hugging Face names so conversion is a rename):
 Kernels are [in, out] (the transpose of torch's Linear.weight). Every parameter
 carries logical axis names (see `moe_lora_jax.parallel.axes`). The seven adapter
 targets go through `TargetLinear`, the one place adapters attach.
+
+With an `AdapterConfig` (`LlamaForCausalLM(config, adapter_config)`) the same
+modules create adapter and router weights in the separate `adapter` collection,
+next to the kernels they adapt (`layers_{i}/self_attn/q_proj/lora_A`, ...); the
+`params` tree is unchanged. Router statistics are sown into `intermediates`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moe_lora_jax.adapters import layers as adapter_layers
+from moe_lora_jax.adapters.config import FFN_MODULES, AdapterConfig
+from moe_lora_jax.adapters.layers import AdapterContext
 from moe_lora_jax.config import LlamaConfig
 from moe_lora_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -32,12 +40,17 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 class KVCache(struct.PyTreeNode):
-    """Decoding cache: per-layer keys/values [B, S, K, H], valid-slot mask [B, S], next slot."""
+    """Decoding cache: per-layer keys/values [B, S, K, H], valid-slot mask [B, S], next slot.
+
+    `routing` [B, num_layers, M] holds MiLoRA's per-prompt routing decision: None until the
+    prefill computes it, then reused by every decode step (the routers never run on decode steps).
+    """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     mask_BxS: jax.Array
     index: jax.Array  # int32 scalar: slot where the next token is written
+    routing: Any = None
 
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, max_len: int) -> "KVCache":
@@ -75,22 +88,53 @@ class TargetLinear(nn.Module):
     layer: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    adapter_config: AdapterConfig | None = None
+    num_experts: int = 0  # experts of this linear in this layer (expert methods)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, ctx: AdapterContext | None = None) -> jax.Array:
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(_init, self.kernel_axes), (x.shape[-1], self.features), self.param_dtype
         )
         x = x.astype(self.dtype)
-        return self.adapt(x, jnp.dot(x, kernel.astype(self.dtype)))
+        return self.adapt(x, jnp.dot(x, kernel.astype(self.dtype)), ctx)
 
-    def adapt(self, x: jax.Array, y: jax.Array) -> jax.Array:
-        return y
+    def adapt(self, x: jax.Array, y: jax.Array, ctx: AdapterContext | None = None) -> jax.Array:
+        ac = self.adapter_config
+        if ac is None or self.target not in ac.targets:
+            return y
+        ctx = AdapterContext() if ctx is None else ctx
+        args = (self, x, self.features, self.kernel_axes)
+        method = ac.method
+        if method == "mov":
+            return adapter_layers.ia3_mixture(self, y, self.kernel_axes[1], self.num_experts, ac, ctx)
+        if method in ("lora", "mixlora"):
+            return y + adapter_layers.lora_delta(*args, ac, ctx, self.dtype).astype(y.dtype)
+        if method == "milora":
+            if ctx.layer_gates_BxM is None:
+                raise ValueError("MiLoRA linears need the layer's routing gates in the adapter context")
+            gate_B = ctx.layer_gates_BxM[:, ac.targets.index(self.target)].astype(y.dtype)
+            delta = adapter_layers.lora_delta(*args, ac, ctx, self.dtype).astype(y.dtype)
+            return y + delta * gate_B.reshape((-1,) + (1,) * (y.ndim - 1))
+        top_k = ac.top_k if method == "mola" else None  # molora, loramoe: dense softmax over all experts
+        delta = adapter_layers.expert_bank_delta(*args, self.num_experts, ac, ctx, self.dtype, top_k)
+        return y + delta.astype(y.dtype)
+
+
+def _linear_kwargs(cfg: LlamaConfig, ac: AdapterConfig | None, layer: int, target: str) -> dict[str, Any]:
+    """Keyword arguments of the TargetLinear for `target` in `layer` (dtype policy and adapter wiring)."""
+    kw: dict[str, Any] = dict(layer=layer, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    if ac is not None:
+        kw["adapter_config"] = ac
+        if ac.routed and target in ac.targets and ac.method not in ("milora", "mixlora"):
+            kw["num_experts"] = ac.expert_counts(target, cfg.num_hidden_layers)[layer]
+    return kw
 
 
 class Attention(nn.Module):
     config: LlamaConfig
     layer: int
+    adapter_config: AdapterConfig | None = None
 
     @nn.compact
     def __call__(
@@ -99,14 +143,15 @@ class Attention(nn.Module):
         cos_sin: tuple[jax.Array, jax.Array],
         mask_Bx1xLxS: jax.Array,
         kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        ctx: AdapterContext | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        cfg = self.config
+        cfg, ac = self.config, self.adapter_config
         B, L, _ = x_BxLxD.shape
         N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = dict(layer=self.layer, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        q = TargetLinear(N * H, "q", ("embed", "heads"), name="q_proj", **dense)(x_BxLxD).reshape(B, L, N, H)
-        k = TargetLinear(K * H, "k", ("embed", "kv"), name="k_proj", **dense)(x_BxLxD).reshape(B, L, K, H)
-        v = TargetLinear(K * H, "v", ("embed", "kv"), name="v_proj", **dense)(x_BxLxD).reshape(B, L, K, H)
+        kw = lambda t: _linear_kwargs(cfg, ac, self.layer, t)  # noqa: E731
+        q = TargetLinear(N * H, "q", ("embed", "heads"), name="q_proj", **kw("q"))(x_BxLxD, ctx).reshape(B, L, N, H)
+        k = TargetLinear(K * H, "k", ("embed", "kv"), name="k_proj", **kw("k"))(x_BxLxD, ctx).reshape(B, L, K, H)
+        v = TargetLinear(K * H, "v", ("embed", "kv"), name="v_proj", **kw("v"))(x_BxLxD, ctx).reshape(B, L, K, H)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         new_kv = None
         if kv is not None:  # write this chunk into the cache at `index`, attend over all slots
@@ -115,36 +160,80 @@ class Attention(nn.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             k, v, new_kv = k_cache, v_cache, (k_cache, v_cache)
         out_BxLxNxH = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_Bx1xLxS)
-        out = TargetLinear(cfg.hidden_size, "o", ("heads", "embed"), name="o_proj", **dense)
-        return out(out_BxLxNxH.reshape(B, L, N * H)), new_kv
+        out = TargetLinear(cfg.hidden_size, "o", ("heads", "embed"), name="o_proj", **kw("o"))
+        return out(out_BxLxNxH.reshape(B, L, N * H), ctx), new_kv
 
 
 class MLP(nn.Module):
+    """SwiGLU FFN. Adapter hooks at the FFN level: MixLoRA replaces it by its mixture of
+    FFN experts; MoV scales the activation silu(gate) * up that feeds down_proj."""
+
     config: LlamaConfig
     layer: int
+    adapter_config: AdapterConfig | None = None
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        cfg = self.config
-        dense = dict(layer=self.layer, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        gate = TargetLinear(cfg.intermediate_size, "gate", ("embed", "mlp"), name="gate_proj", **dense)(x_BxLxD)
-        up = TargetLinear(cfg.intermediate_size, "up", ("embed", "mlp"), name="up_proj", **dense)(x_BxLxD)
-        return TargetLinear(cfg.hidden_size, "down", ("mlp", "embed"), name="down_proj", **dense)(nn.silu(gate) * up)
+    def __call__(self, x_BxLxD: jax.Array, ctx: AdapterContext | None = None) -> jax.Array:
+        cfg, ac = self.config, self.adapter_config
+        if ac is not None and ac.method == "mixlora":
+            ctx = AdapterContext() if ctx is None else ctx
+            return adapter_layers.mixlora_ffn(self, x_BxLxD, cfg, ac, ctx, cfg.dtype, cfg.param_dtype)
+        kw = lambda t: _linear_kwargs(cfg, ac, self.layer, t)  # noqa: E731
+        gate = TargetLinear(cfg.intermediate_size, "gate", ("embed", "mlp"), name="gate_proj", **kw("gate"))(x_BxLxD, ctx)
+        up = TargetLinear(cfg.intermediate_size, "up", ("embed", "mlp"), name="up_proj", **kw("up"))(x_BxLxD, ctx)
+        act = nn.silu(gate) * up
+        if ac is not None and ac.method == "mov" and "ffn" in ac.targets:
+            E = ac.expert_counts("ffn", cfg.num_hidden_layers)[self.layer]
+            act = IA3Mixture(ac, E, "mlp", name="ffn_ia3")(act, AdapterContext() if ctx is None else ctx)
+        return TargetLinear(cfg.hidden_size, "down", ("mlp", "embed"), name="down_proj", **kw("down"))(act, ctx)
+
+
+class IA3Mixture(nn.Module):
+    """MoV on an activation that is not a linear's output (the FFN's): E IA3 vectors, soft-merged."""
+
+    adapter_config: AdapterConfig
+    num_experts: int
+    axis: str
+
+    @nn.compact
+    def __call__(self, y: jax.Array, ctx: AdapterContext) -> jax.Array:
+        return adapter_layers.ia3_mixture(self, y, self.axis, self.num_experts, self.adapter_config, ctx)
+
+
+class MiLoRARouter(nn.Module):
+    """One router per layer over the layer's LoRA modules, from the pooled prompt."""
+
+    adapter_config: AdapterConfig
+
+    @nn.compact
+    def __call__(self, h_BxLxD: jax.Array, pool_mask_BxL: jax.Array) -> jax.Array:
+        ac = self.adapter_config
+        return adapter_layers.milora_route(self, h_BxLxD, pool_mask_BxL, len(ac.targets), ac)
 
 
 class DecoderLayer(nn.Module):
     config: LlamaConfig
     layer: int
+    adapter_config: AdapterConfig | None = None
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos_sin, mask_Bx1xLxS, kv=None):
-        cfg = self.config
+    def __call__(self, x_BxLxD, cos_sin, mask_Bx1xLxS, kv=None, ctx=None):
+        """Returns (x, new_kv, milora_gates_BxM or None)."""
+        cfg, ac = self.config, self.adapter_config
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         h = RMSNorm(name="input_layernorm", **norm)(x_BxLxD)
-        attn_out, new_kv = Attention(cfg, self.layer, name="self_attn")(h, cos_sin, mask_Bx1xLxS, kv)
+        gates_BxM = None
+        if ac is not None and ac.method == "milora":
+            if ctx.routing_BxNxM is not None:  # reuse the prompt's routing decision (decode steps)
+                gates_BxM = ctx.routing_BxNxM[:, self.layer]
+            else:
+                gates_BxM = MiLoRARouter(ac, name="milora_router")(h, ctx.pool_mask_BxL)
+            ctx = ctx.replace(layer_gates_BxM=gates_BxM)
+        attn = Attention(cfg, self.layer, ac, name="self_attn")
+        attn_out, new_kv = attn(h, cos_sin, mask_Bx1xLxS, kv, ctx)
         x_BxLxD = x_BxLxD + attn_out
         h = RMSNorm(name="post_attention_layernorm", **norm)(x_BxLxD)
-        return x_BxLxD + MLP(cfg, self.layer, name="mlp")(h), new_kv
+        return x_BxLxD + MLP(cfg, self.layer, ac, name="mlp")(h, ctx), new_kv, gates_BxM
 
 
 class LlamaForCausalLM(nn.Module):
@@ -153,9 +242,17 @@ class LlamaForCausalLM(nn.Module):
     attention_mask [B, L] (1 = token, 0 = padding) masks keys; position_ids
     [B, L] default to 0..L-1 (or continue from the cache). With `cache` the
     call returns (logits, updated cache): prefill and decode are the same path.
+
+    With `adapter_config`, apply `{"params": base, "adapter": adapter}`; keyword inputs:
+    deterministic (False enables LoRA dropout and router jitter: pass rngs={"dropout": key}),
+    prompt_mask_BxL (MiLoRA pools only these tokens; default: all non-padding tokens),
+    routing (MiLoRA gates [B, num_layers, M] to reuse instead of running the routers; with a
+    cache, the cache's routing is used once the prefill has filled it). MiLoRA's decision is
+    sown as intermediates["milora_routing"] and stored in the returned cache.
     """
 
     config: LlamaConfig
+    adapter_config: AdapterConfig | None = None
 
     @nn.compact
     def __call__(
@@ -164,8 +261,14 @@ class LlamaForCausalLM(nn.Module):
         attention_mask_BxL: jax.Array | None = None,
         position_ids_BxL: jax.Array | None = None,
         cache: KVCache | None = None,
+        *,
+        deterministic: bool = True,
+        prompt_mask_BxL: jax.Array | None = None,
+        routing: jax.Array | None = None,
     ):
-        cfg = self.config
+        cfg, ac = self.config, self.adapter_config
+        if ac is not None:
+            ac.validate_for(cfg)
         B, L = input_ids_BxL.shape
         if attention_mask_BxL is None:
             attention_mask_BxL = jnp.ones((B, L), bool)
@@ -194,14 +297,27 @@ class LlamaForCausalLM(nn.Module):
         )
         x_BxLxD = embed(input_ids_BxL)
         cos_sin = rope_cos_sin(position_ids_BxL, inverse_frequencies(cfg))
+        ctx = None
+        if ac is not None:
+            if routing is None and cache is not None:
+                routing = cache.routing
+            pool_mask = attention_mask_BxL if prompt_mask_BxL is None else attention_mask_BxL & prompt_mask_BxL.astype(bool)
+            ctx = AdapterContext(deterministic=deterministic, pool_mask_BxL=pool_mask, routing_BxNxM=routing)
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
-        new_k, new_v = [], []
+        new_k, new_v, gates = [], [], []
         for i in range(cfg.num_hidden_layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], start)
-            x_BxLxD, layer_kv = layer_cls(cfg, i, name=f"layers_{i}")(x_BxLxD, cos_sin, mask_Bx1xLxS, kv)
+            x_BxLxD, layer_kv, layer_gates = layer_cls(cfg, i, ac, name=f"layers_{i}")(
+                x_BxLxD, cos_sin, mask_Bx1xLxS, kv, ctx
+            )
             if layer_kv is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
+            gates.append(layer_gates)
+        new_routing = None
+        if ac is not None and ac.method == "milora":
+            new_routing = jnp.stack(gates, axis=1)  # [B, num_layers, M]
+            self.sow("intermediates", "milora_routing", new_routing)
         x_BxLxD = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x_BxLxD)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x_BxLxD)
@@ -217,4 +333,4 @@ class LlamaForCausalLM(nn.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), mask_BxS=kv_mask_BxS, index=start + L)
+        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), mask_BxS=kv_mask_BxS, index=start + L, routing=new_routing)

@@ -1,0 +1,17 @@
+"""Adapters: LoRA, expert banks and routers (MoLoRA, MoLA, LoRAMoE), MoV, MixLoRA, MiLoRA.
+
+`AdapterConfig` describes one; `LlamaForCausalLM(config, adapter_config)` builds it;
+`load_adapter` / `save_adapter` read and write PEFT, mixlora and the project's own format.
+"""
+
+from moe_lora_jax.adapters.config import METHODS, AdapterConfig
+
+__all__ = ["METHODS", "AdapterConfig", "load_adapter", "save_adapter", "init_adapter"]
+
+
+def __getattr__(name):  # lazy: io imports the model, which imports this package
+    if name in ("load_adapter", "save_adapter", "init_adapter"):
+        from moe_lora_jax.adapters import io
+
+        return getattr(io, name)
+    raise AttributeError(name)

@@ -1,0 +1,279 @@
+"""`AdapterConfig`: one frozen, hashable description of every adapter method.
+
+Every method (lora, molora, mov, mola, loramoe, mixlora, milora) is a
+configuration of the same `LlamaForCausalLM`; the model reads this config to
+decide which adapter weights to create and how to route. Fields left at `None`
+take the method's default (see `METHOD_DEFAULTS`), resolved by the properties
+below, so the same config object round-trips through JSON unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from moe_lora_jax.errors import MoeLoraError
+
+METHODS = ("lora", "molora", "mov", "mola", "loramoe", "mixlora", "milora")
+LINEAR_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
+ATTENTION_MODULES = ("q", "k", "v", "o")
+FFN_MODULES = ("gate", "up", "down")
+MOV_MODULES = ("k", "v", "ffn")  # "ffn": the SwiGLU activation silu(gate) * up that feeds down_proj
+POOLINGS = ("attention", "mean", "last", "max")
+SWITCH_FORMS = ("mola", "mixtral")
+ROUTER_INITS = ("kaiming", "normal")
+
+# Method defaults for the fields that are `None` in a user's config.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": dict(target_modules=LINEAR_MODULES, router_init="kaiming", switch_coef=0.0, switch_form="mola"),
+    "molora": dict(target_modules=LINEAR_MODULES, router_init="kaiming", switch_coef=0.0, switch_form="mola"),
+    "mov": dict(target_modules=MOV_MODULES, router_init="normal", switch_coef=0.0, switch_form="mola"),
+    "mola": dict(target_modules=LINEAR_MODULES, router_init="kaiming", switch_coef=1e-3, switch_form="mola"),
+    "loramoe": dict(target_modules=FFN_MODULES, router_init="kaiming", switch_coef=0.0, switch_form="mola"),
+    "mixlora": dict(target_modules=LINEAR_MODULES, router_init="normal", switch_coef=1e-3, switch_form="mixtral"),
+    "milora": dict(target_modules=LINEAR_MODULES, router_init="normal", switch_coef=0.0, switch_form="mola"),
+}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Which adapter, where, and how it routes. Frozen and hashable (a static jit argument).
+
+    Fields:
+      method: one of METHODS.
+      rank, alpha, dropout: LoRA rank r, scale alpha/r (alpha/sqrt(r) with `use_rslora`), dropout on the LoRA input.
+      target_modules: linears that get adapters (q k v o gate up down; for mov: k, v, ffn). None: method default.
+      num_experts: experts per target (molora, mov, loramoe, mixlora) when `allocation` is None.
+      top_k: experts selected per token (mola, mixlora) or LoRA modules per prompt (milora).
+      allocation: per-layer expert counts per module (mola / AlphaLoRA); None means `num_experts` everywhere.
+      renormalize: renormalise the top-k probabilities to sum to 1.
+      router_init: "kaiming" (uniform, bound 1/sqrt(fan_in), like torch's nn.Linear) or "normal" (std router_init_range).
+      router_jitter: multiplicative uniform noise on router inputs while training (Switch/MixLoRA jitter).
+      loramoe_delta: the localized balancing constraint's delta (LoRAMoE's blc_alpha).
+      milora_pooling: how MiLoRA pools the prompt's hidden states: attention, mean, last or max.
+      milora_router_dim: width of MiLoRA's router hidden layer (before the rational activation).
+      switch_coef, switch_form: Switch aux coefficient and form ("mola": per layer, summed; "mixtral": global).
+      importance_coef: Shazeer importance CV^2; z_loss_coef: ST-MoE router z-loss;
+      loramoe_coef: LoRAMoE localized constraint; milora_coef: MiLoRA prompt-level balance.
+    """
+
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    num_experts: int = 4
+    top_k: int = 2
+    allocation: Any = None
+    use_rslora: bool = False
+    renormalize: bool = True
+    router_init: str | None = None
+    router_init_range: float = 0.02
+    router_jitter: float = 0.0
+    loramoe_delta: float = 0.1
+    milora_pooling: str = "attention"
+    milora_router_dim: int = 64
+    switch_coef: float | None = None
+    switch_form: str | None = None
+    importance_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    loramoe_coef: float = 0.1
+    milora_coef: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None and not isinstance(self.target_modules, tuple):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.method not in METHODS:
+            raise MoeLoraError(f"unknown adapter method {self.method!r}: use one of {', '.join(METHODS)}")
+        allowed = MOV_MODULES if self.method == "mov" else LINEAR_MODULES
+        for m in self.targets:
+            if m not in allowed:
+                raise MoeLoraError(
+                    f"unknown target module {m!r} for method {self.method}: use some of {', '.join(allowed)}"
+                )
+        if not self.targets:
+            raise MoeLoraError("target_modules is empty: name at least one of " + ", ".join(allowed))
+        if self.method != "mov" and self.rank <= 0:
+            raise MoeLoraError(f"rank={self.rank} must be a positive integer: LoRA needs rank >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MoeLoraError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.num_experts <= 0:
+            raise MoeLoraError(f"num_experts={self.num_experts} must be positive")
+        if self.top_k <= 0:
+            raise MoeLoraError(f"top_k={self.top_k} must be positive")
+        if self.milora_pooling not in POOLINGS:
+            raise MoeLoraError(f"milora_pooling={self.milora_pooling!r}: use one of {', '.join(POOLINGS)}")
+        if self.router_init is not None and self.router_init not in ROUTER_INITS:
+            raise MoeLoraError(f"router_init={self.router_init!r}: use one of {', '.join(ROUTER_INITS)}")
+        if self.switch_form is not None and self.switch_form not in SWITCH_FORMS:
+            raise MoeLoraError(f"switch_form={self.switch_form!r}: use one of {', '.join(SWITCH_FORMS)}")
+        if self.method == "loramoe" and self.num_experts % 2:
+            raise MoeLoraError(f"LoRAMoE splits its experts in two groups: num_experts={self.num_experts} must be even")
+        if self.method == "milora" and self.top_k > len(self.targets):
+            raise MoeLoraError(
+                f"top_k={self.top_k} is larger than the {len(self.targets)} LoRA modules per layer that MiLoRA routes between"
+            )
+
+    # ------------------------------------------------------------ resolved values
+    @property
+    def targets(self) -> tuple[str, ...]:
+        t = self.target_modules if self.target_modules is not None else METHOD_DEFAULTS[self.method]["target_modules"]
+        return tuple(t)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    @property
+    def resolved_router_init(self) -> str:
+        return self.router_init or METHOD_DEFAULTS[self.method]["router_init"]
+
+    @property
+    def resolved_switch_coef(self) -> float:
+        return METHOD_DEFAULTS[self.method]["switch_coef"] if self.switch_coef is None else self.switch_coef
+
+    @property
+    def resolved_switch_form(self) -> str:
+        return self.switch_form or METHOD_DEFAULTS[self.method]["switch_form"]
+
+    @property
+    def routed(self) -> bool:
+        return self.method != "lora"
+
+    def expert_counts(self, module: str, num_layers: int) -> tuple[int, ...]:
+        """Experts of `module` in every layer: from the Allocation, else `num_experts` everywhere."""
+        if self.allocation is None or self.method == "mixlora":
+            return (self.num_experts,) * num_layers
+        return tuple(int(c) for c in self.allocation.counts(module))
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------ model checks
+    def validate_for(self, model_config: Any) -> None:
+        """Raise MoeLoraError where this adapter cannot be built on `model_config` (a LlamaConfig)."""
+        L = model_config.num_hidden_layers
+        dims = linear_dims(model_config)
+        if self.method != "mov":
+            for m in self.targets:
+                d_in, d_out = dims[m]
+                if self.rank > min(d_in, d_out):
+                    raise MoeLoraError(
+                        f"rank={self.rank} is larger than the {m}_proj linear ({d_in} -> {d_out}): choose rank <= {min(d_in, d_out)}"
+                    )
+        if self.allocation is not None:
+            if self.method not in ("mola", "molora", "loramoe", "mov"):
+                raise MoeLoraError(f"an Allocation is only used by expert methods, not by {self.method}: drop it")
+            n = int(getattr(self.allocation, "num_layers", L))
+            if n != L:
+                raise MoeLoraError(
+                    f"the Allocation covers {n} layers but the model has {L}: build it with num_layers={L}"
+                )
+        if self.method in ("mola", "molora", "loramoe", "mov", "mixlora"):
+            modules = ("ffn",) if self.method == "mixlora" else self.targets
+            for m in modules:
+                counts = self.expert_counts(m, L)
+                if len(counts) != L:
+                    raise MoeLoraError(
+                        f"the Allocation gives {len(counts)} counts for {m} but the model has {L} layers: give one count per layer"
+                    )
+                for i, c in enumerate(counts):
+                    if c <= 0:
+                        raise MoeLoraError(
+                            f"the Allocation gives layer {i} of {m} {c} experts: every layer needs at least one expert"
+                        )
+                    if self.method in ("mola", "mixlora") and self.top_k > c:
+                        raise MoeLoraError(
+                            f"top_k={self.top_k} is larger than the {c} experts of {m} in layer {i}: lower top_k or give that layer more experts"
+                        )
+                    if self.method == "loramoe" and c % 2:
+                        raise MoeLoraError(
+                            f"LoRAMoE splits experts in two groups but {m} in layer {i} has {c}: use even counts"
+                        )
+
+    # ------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        out["allocation"] = None if self.allocation is None else allocation_to_dict(self.allocation)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AdapterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise MoeLoraError(f"adapter config has unknown fields {unknown}: it was written by another version")
+        kw = dict(d)
+        if kw.get("target_modules") is not None:
+            kw["target_modules"] = tuple(kw["target_modules"])
+        if kw.get("allocation") is not None:
+            kw["allocation"] = allocation_from_dict(kw["allocation"])
+        return cls(**kw)
+
+
+def linear_dims(model_config: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) features of the seven target linears of a LlamaConfig."""
+    D, F = model_config.hidden_size, model_config.intermediate_size
+    q = model_config.num_attention_heads * model_config.head_dim
+    kv = model_config.num_key_value_heads * model_config.head_dim
+    return {"q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D), "gate": (D, F), "up": (D, F), "down": (F, D)}
+
+
+# ---------------------------------------------------------------- Allocation JSON
+def allocation_to_dict(alloc: Any) -> dict[str, Any]:
+    """{"num_layers": L, "counts": {module: [c_0, ..., c_{L-1}]}} (uses the Allocation's own to_dict when it has one)."""
+    if hasattr(alloc, "to_dict"):
+        return {"allocation": alloc.to_dict()}
+    return {
+        "num_layers": int(alloc.num_layers),
+        "counts": {m: [int(c) for c in alloc.counts(m)] for m in alloc.modules},
+    }
+
+
+class _CountsAllocation:
+    """Minimal frozen stand-in used when `moe_lora_jax.allocation` is not importable."""
+
+    def __init__(self, counts: Mapping[str, tuple[int, ...]]):
+        self._counts = tuple(sorted((m, tuple(int(x) for x in c)) for m, c in counts.items()))
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(m for m, _ in self._counts)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._counts[0][1]) if self._counts else 0
+
+    def counts(self, module: str) -> tuple[int, ...]:
+        return dict(self._counts)[module]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _CountsAllocation) and self._counts == other._counts
+
+    def __hash__(self) -> int:
+        return hash(self._counts)
+
+    def __repr__(self) -> str:
+        return f"Allocation({dict(self._counts)})"
+
+
+def allocation_from_dict(d: Mapping[str, Any]) -> Any:
+    try:
+        from moe_lora_jax.allocation import Allocation  # type: ignore
+    except ImportError:  # the allocation package is optional for reading counts back
+        Allocation = None
+    if "allocation" in d:
+        if Allocation is None or not hasattr(Allocation, "from_dict"):
+            raise MoeLoraError("this adapter's Allocation needs moe_lora_jax.allocation to be read back: install it")
+        return Allocation.from_dict(d["allocation"])
+    counts = {m: tuple(c) for m, c in d["counts"].items()}
+    if Allocation is not None:
+        for ctor in ("from_counts",):
+            if hasattr(Allocation, ctor):
+                try:
+                    return getattr(Allocation, ctor)(counts)
+                except Exception:  # noqa: BLE001 - fall back to the stand-in below
+                    pass
+    return _CountsAllocation(counts)

@@ -1,0 +1,228 @@
+"""Pure loss functions: the task loss and every balance term. Each returns (scalar, metrics dict).
+
+Router statistics come from the model's `intermediates` collection
+(`model.apply(..., mutable=["intermediates"])`): every routed linear sows
+`router_logits` [B, L, E] and `router_gates` [B, L, E] (MixLoRA: one per FFN, under
+`mlp`), MiLoRA sows `milora_logits` [B, M] per layer. `router_stats` flattens that tree
+into a list of `RouterStat`; the balance terms are functions of that list and a token
+mask, so any of them can be swapped by editing one function.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from moe_lora_jax.errors import MoeLoraError
+
+_EPS = 1e-10
+
+
+@dataclass(frozen=True)
+class RouterStat:
+    """One router's output: layer index, owning module name ("q_proj", "mlp", ...), logits and gates [..., E]."""
+
+    layer: int
+    module: str
+    logits: jax.Array
+    gates: jax.Array | None
+
+
+def _intermediates(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+    return tree["intermediates"] if "intermediates" in tree else tree
+
+
+def router_stats(intermediates: Mapping[str, Any], kind: str = "router") -> list[RouterStat]:
+    """Token routers (kind="router") or MiLoRA's prompt routers (kind="milora"), in layer order."""
+    flat = traverse_util.flatten_dict(dict(_intermediates(intermediates)))
+    found: dict[tuple, dict[str, jax.Array]] = {}
+    for path, value in flat.items():
+        leaf = path[-1]
+        if leaf not in (f"{kind}_logits", f"{kind}_gates"):
+            continue
+        arr = value[0] if isinstance(value, tuple) and len(value) == 1 else (
+            jnp.concatenate(value, axis=0) if isinstance(value, tuple) else value
+        )
+        found.setdefault(path[:-1], {})[leaf.split("_")[-1]] = arr
+    out = []
+    for path, d in found.items():
+        layer = next((int(m.group(1)) for p in path if (m := re.fullmatch(r"layers_(\d+)", str(p)))), -1)
+        module = str(path[-1]) if path else ""
+        out.append(RouterStat(layer, module, d["logits"], d.get("gates")))
+    return sorted(out, key=lambda s: (s.layer, s.module))
+
+
+def _token_weights(stat_logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mask [B, L] (or None) flattened to one weight per router row."""
+    rows = stat_logits.reshape(-1, stat_logits.shape[-1]).shape[0]
+    if mask is None:
+        return jnp.ones((rows,), jnp.float32)
+    return jnp.broadcast_to(mask.astype(jnp.float32), stat_logits.shape[:-1]).reshape(-1)
+
+
+def _topk_onehot(probs: jax.Array, k: int) -> jax.Array:
+    _, idx = jax.lax.top_k(probs, k)
+    return jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=jnp.float32), axis=-2)
+
+
+# ------------------------------------------------------------------ task loss
+def cross_entropy(logits_BxLxV: jax.Array, input_ids_BxL: jax.Array, loss_mask_BxL: jax.Array | None = None):
+    """Causal-LM cross-entropy: position t predicts token t+1, counted where loss_mask[t+1] is set
+    (loss_mask marks response tokens: prompt and padding are 0). Mean over counted tokens."""
+    logits = logits_BxLxV[:, :-1].astype(jnp.float32)
+    targets = input_ids_BxL[:, 1:]
+    mask = jnp.ones(targets.shape, jnp.float32) if loss_mask_BxL is None else loss_mask_BxL[:, 1:].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    n = jnp.sum(mask)
+    loss = jnp.sum(nll * mask) / jnp.maximum(n, 1.0)
+    acc = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / jnp.maximum(n, 1.0)
+    return loss, {"ce": loss, "tokens": n, "accuracy": acc}
+
+
+# ------------------------------------------------------------------ balance terms
+def switch_aux_mola(stats: list[RouterStat], top_k: int, mask_BxL: jax.Array | None = None):
+    """Switch aux in MoLA's form: per layer (the layer's routers with the same expert count
+    concatenated as tokens), E * sum_i f_i P_i with f_i the share of top-k assignments
+    that go to expert i and P_i the mean router probability; summed over layers."""
+    groups: dict[tuple[int, int], list[RouterStat]] = {}
+    for s in stats:
+        groups.setdefault((s.layer, s.logits.shape[-1]), []).append(s)
+    total = jnp.zeros((), jnp.float32)
+    for (_, E), group in sorted(groups.items()):
+        probs = jnp.concatenate([jax.nn.softmax(s.logits.reshape(-1, E).astype(jnp.float32), -1) for s in group])
+        w = jnp.concatenate([_token_weights(s.logits, mask_BxL) for s in group])
+        sel = _topk_onehot(probs, min(top_k, E)) * w[:, None]
+        f = jnp.sum(sel, 0) / jnp.maximum(jnp.sum(sel), _EPS)
+        p = jnp.sum(probs * w[:, None], 0) / jnp.maximum(jnp.sum(w), _EPS)
+        total = total + E * jnp.sum(f * p)
+    return total, {"switch_aux": total}
+
+
+def switch_aux_mixtral(stats: list[RouterStat], top_k: int, mask_BxL: jax.Array | None = None):
+    """Switch aux in Mixtral's (transformers') form: all layers' tokens pooled, f_i = top-k
+    assignments to i per token (sums to k), P_i mean probability, E * sum_i f_i P_i.
+    Routers with different expert counts are pooled per count and the terms summed."""
+    groups: dict[int, list[RouterStat]] = {}
+    for s in stats:
+        groups.setdefault(s.logits.shape[-1], []).append(s)
+    total = jnp.zeros((), jnp.float32)
+    for E, group in sorted(groups.items()):
+        probs = jnp.concatenate([jax.nn.softmax(s.logits.reshape(-1, E).astype(jnp.float32), -1) for s in group])
+        w = jnp.concatenate([_token_weights(s.logits, mask_BxL) for s in group])
+        n = jnp.maximum(jnp.sum(w), _EPS)
+        f = jnp.sum(_topk_onehot(probs, min(top_k, E)) * w[:, None], 0) / n
+        p = jnp.sum(probs * w[:, None], 0) / n
+        total = total + E * jnp.sum(f * p)
+    return total, {"switch_aux": total}
+
+
+def cv_squared(x: jax.Array, ddof: int = 0) -> jax.Array:
+    """Squared coefficient of variation var/mean^2 of a flat sample (0 for one element)."""
+    x = x.reshape(-1).astype(jnp.float32)
+    if x.shape[0] <= 1:
+        return jnp.zeros((), jnp.float32)
+    return jnp.var(x, ddof=ddof) / (jnp.mean(x) ** 2 + _EPS)
+
+
+def importance_cv2(stats: list[RouterStat], mask_BxL: jax.Array | None = None):
+    """Shazeer et al. (2017) importance loss: CV^2 of each router's gate sums over tokens, summed over routers."""
+    total = jnp.zeros((), jnp.float32)
+    for s in stats:
+        E = s.logits.shape[-1]
+        gates = s.gates if s.gates is not None else jax.nn.softmax(s.logits.astype(jnp.float32), -1)
+        w = _token_weights(s.logits, mask_BxL)
+        total = total + cv_squared(jnp.sum(gates.reshape(-1, E).astype(jnp.float32) * w[:, None], 0))
+    return total, {"importance_cv2": total}
+
+
+def router_z_loss(stats: list[RouterStat], mask_BxL: jax.Array | None = None):
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 per router, summed over routers."""
+    total = jnp.zeros((), jnp.float32)
+    for s in stats:
+        E = s.logits.shape[-1]
+        z = jax.nn.logsumexp(s.logits.reshape(-1, E).astype(jnp.float32), axis=-1) ** 2
+        w = _token_weights(s.logits, mask_BxL)
+        total = total + jnp.sum(z * w) / jnp.maximum(jnp.sum(w), _EPS)
+    return total, {"z_loss": total}
+
+
+def loramoe_localized(stats: list[RouterStat], task_types_B: jax.Array, delta: float,
+                      mask_BxL: jax.Array | None = None):
+    """LoRAMoE's localized balancing constraint, summed over routers: CV^2 (unbiased variance, as
+    the reference) of I * Q, where Q [B, E] sums each example's gates over its tokens and I is
+    1+delta on the expert group matching the example's task type (type 1: first half of the
+    experts, type 0: second half) and 1-delta on the other group."""
+    total = jnp.zeros((), jnp.float32)
+    t = task_types_B.reshape(-1, 1)
+    for s in stats:
+        B, E = s.logits.shape[0], s.logits.shape[-1]
+        gates = s.gates if s.gates is not None else jax.nn.softmax(s.logits.astype(jnp.float32), -1)
+        gates = gates.reshape(B, -1, E).astype(jnp.float32)
+        if mask_BxL is not None:
+            gates = gates * mask_BxL.reshape(B, -1, 1).astype(jnp.float32)
+        q = jnp.sum(gates, axis=1)
+        first = jnp.arange(E) < E // 2
+        match = jnp.where(t == 1, first[None, :], ~first[None, :])
+        importance = jnp.where(match, 1.0 + delta, 1.0 - delta)
+        total = total + cv_squared(importance * q, ddof=1)
+    return total, {"loramoe_blc": total}
+
+
+def milora_prompt_balance(stats: list[RouterStat]):
+    """MiLoRA's prompt-level balance: per layer M * sum_i f_i P_i with f_i the share of prompts
+    whose top (argmax) module is i and P_i the mean probability over prompts; summed over layers."""
+    total = jnp.zeros((), jnp.float32)
+    for s in stats:
+        M = s.logits.shape[-1]
+        probs = jax.nn.softmax(s.logits.reshape(-1, M).astype(jnp.float32), -1)
+        f = jnp.mean(jax.nn.one_hot(jnp.argmax(probs, -1), M, dtype=jnp.float32), 0)
+        total = total + M * jnp.sum(f * jnp.mean(probs, 0))
+    return total, {"milora_balance": total}
+
+
+# ------------------------------------------------------------------ everything
+def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates: Mapping[str, Any] | None,
+               adapter_config: Any | None):
+    """Task CE plus every balance term whose coefficient in `adapter_config` is non-zero.
+
+    batch: input_ids [B, L]; attention_mask [B, L] (optional; masks routers' padding tokens);
+    loss_mask [B, L] (optional; defaults to attention_mask); task_types [B] (LoRAMoE).
+    """
+    input_ids = batch["input_ids"]
+    attn = batch.get("attention_mask")
+    loss_mask = batch.get("loss_mask", attn)
+    loss, metrics = cross_entropy(logits_BxLxV, input_ids, loss_mask)
+    ac = adapter_config
+    if ac is None or not ac.routed:
+        metrics["loss"] = loss
+        return loss, metrics
+    inter = intermediates or {}
+    stats = router_stats(inter, "router")
+    terms = []
+    if ac.resolved_switch_coef and stats:
+        fn = switch_aux_mola if ac.resolved_switch_form == "mola" else switch_aux_mixtral
+        terms.append((ac.resolved_switch_coef, fn(stats, ac.top_k, attn)))
+    if ac.importance_coef and stats:
+        terms.append((ac.importance_coef, importance_cv2(stats, attn)))
+    if ac.z_loss_coef and stats:
+        terms.append((ac.z_loss_coef, router_z_loss(stats, attn)))
+    if ac.method == "loramoe" and ac.loramoe_coef:
+        if batch.get("task_types") is None:
+            raise MoeLoraError(
+                "LoRAMoE's localized balancing constraint needs a per-example task type: add 'task_types' "
+                "(1 = world knowledge, 0 = other) to the batch, or set loramoe_coef=0"
+            )
+        terms.append((ac.loramoe_coef, loramoe_localized(stats, jnp.asarray(batch["task_types"]), ac.loramoe_delta, attn)))
+    if ac.method == "milora" and ac.milora_coef:
+        terms.append((ac.milora_coef, milora_prompt_balance(router_stats(inter, "milora"))))
+    for coef, (value, m) in terms:
+        loss = loss + coef * value
+        metrics.update(m)
+    metrics["loss"] = loss
+    return loss, metrics
