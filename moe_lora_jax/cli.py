@@ -102,67 +102,17 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------- generate
-def add_generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="greedy continuation of a prompt with the KV cache")
-    _add_model_arg(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--json", action="store_true", help='print {"completion": ..., "tokens": [...]}')
-    p.set_defaults(func=run_generate)
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-    import numpy as np
-
-    from moe_lora_jax.generate import greedy_generate
-    from moe_lora_jax.model import LlamaForCausalLM
-    from moe_lora_jax.tokenizer import load_tokenizer
-
-    if not args.prompt.strip():
-        raise MoeLoraError("the prompt is empty: pass some text with --prompt")
-    if args.max_new_tokens < 1:
-        raise MoeLoraError(f"--max-new-tokens={args.max_new_tokens}: ask for at least 1 token")
-    path, config, params = _load(args.model)
-    tokenizer = load_tokenizer(path)
-    text = args.prompt
-    if args.chat:
-        if not tokenizer.chat_template:
-            raise MoeLoraError(f"the tokenizer of {path} has no chat template: drop --chat")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[None]
-    if ids.shape[1] + args.max_new_tokens > config.max_position_embeddings:
-        raise MoeLoraError(
-            f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
-            f"context of {config.max_position_embeddings}: shorten the prompt or ask for fewer tokens"
-        )
-    tokens = greedy_generate(
-        LlamaForCausalLM(config),
-        {"params": params},
-        jnp.asarray(ids),
-        jnp.ones(ids.shape, jnp.int32),
-        max_new_tokens=args.max_new_tokens,
-        eos_token_ids=config.eos_token_id,
-        pad_token_id=config.pad_token_id or 0,
-    )
-    tokens = [int(t) for t in np.asarray(tokens)[0]]
-    if config.eos_token_id and any(t in config.eos_token_id for t in tokens):
-        tokens = tokens[: next(i for i, t in enumerate(tokens) if t in config.eos_token_id) + 1]
-    completion = tokenizer.decode(tokens, skip_special_tokens=True)
-    print(json.dumps({"completion": completion, "tokens": tokens}) if args.json else args.prompt + completion)
-    return 0
-
-
 # ------------------------------------------------------------------------------ main
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info_parser, add_convert_parser, add_generate_parser]
+def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from moe_lora_jax.cli_generate import add_generate_parser
+
+    return [add_info_parser, add_convert_parser, add_generate_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-lora", description="Mixture-of-LoRA-experts fine-tuning for LLaMA models in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
+    for add in _subcommands():
         add(sub)
     return parser
 

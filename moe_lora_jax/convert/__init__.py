@@ -1,8 +1,8 @@
 """Hugging Face weights in and out."""
 
-from moe_lora_jax.convert.load import load_hf_llama, load_llama
+from moe_lora_jax.convert.load import load_hf_llama, load_llama, load_llama_config
 from moe_lora_jax.convert.orbax_io import load_orbax_llama, save_orbax_llama
 from moe_lora_jax.convert.save import save_hf_llama
 from moe_lora_jax.convert.sources import resolve_hf_dir
 
-__all__ = ["load_hf_llama", "load_llama", "load_orbax_llama", "resolve_hf_dir", "save_hf_llama", "save_orbax_llama"]
+__all__ = ["load_hf_llama", "load_llama", "load_llama_config", "load_orbax_llama", "resolve_hf_dir", "save_hf_llama", "save_orbax_llama"]

@@ -129,6 +129,16 @@ def _read_checked(readers: _Readers, hf_dir: Path, file_of: dict[str, Path], spe
     return array
 
 
+def load_llama_config(path: str | os.PathLike) -> LlamaConfig:
+    """Only the LlamaConfig of any supported source (no weights read): for checks before a slow load."""
+    from moe_lora_jax.convert.orbax_io import is_orbax_model, load_orbax_config
+
+    if is_orbax_model(path):
+        return load_orbax_config(path)
+    hf_dir = resolve_hf_dir(path)
+    return LlamaConfig.from_hf(read_config_json(hf_dir), source=str(hf_dir / "config.json"))
+
+
 def load_llama(path: str | os.PathLike, **kwargs: Any) -> tuple[LlamaConfig, dict[str, Any]]:
     """Load from any supported source: an orbax directory written by `moe-lora convert`, or what `load_hf_llama` takes."""
     from moe_lora_jax.convert.orbax_io import is_orbax_model, load_orbax_llama

@@ -38,14 +38,18 @@ def save_orbax_llama(
     return Path(out_dir)
 
 
+def load_orbax_config(path: str | os.PathLike) -> LlamaConfig:
+    raw = json.loads((Path(path) / CONFIG_NAME).read_text())
+    raw["rope_scaling"] = RopeScaling(**raw["rope_scaling"])
+    raw["eos_token_id"] = tuple(raw["eos_token_id"])
+    return LlamaConfig(**raw)
+
+
 def load_orbax_llama(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, Any]]:
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    raw = json.loads((path / CONFIG_NAME).read_text())
-    raw["rope_scaling"] = RopeScaling(**raw["rope_scaling"])
-    raw["eos_token_id"] = tuple(raw["eos_token_id"])
-    config = LlamaConfig(**raw)
+    config = load_orbax_config(path)
     try:
         with ocp.PyTreeCheckpointer() as checkpointer, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sharding info not provided": single-host restore is what we want
