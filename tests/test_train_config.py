@@ -140,4 +140,4 @@ def test_quickstart_config_is_complete():
     assert set(raw) == set(config_to_dict(c))
     for section in ("model", "data", "optim", "mesh", "checkpoint", "loop"):
         assert set(raw[section]) == set(config_to_dict(c)[section]), section
-    assert c.data.train is None and c.data.template == "chat" and c.loop.steps == 300
+    assert c.data.train is None and c.data.template == "chat" and c.loop.steps == 40

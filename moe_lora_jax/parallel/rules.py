@@ -106,6 +106,19 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
     }
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Place a tree that every process holds in full (same values) onto global `shardings`.
+
+    One process: `jax.device_put`. Several: each process fills only its addressable shards
+    (`jax.make_array_from_callback`), since a plain device_put cannot reach other hosts' devices.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings
+    )
+
+
 def abstract_variables(model: nn.Module, sample_shape: tuple[int, int] = (1, 8), **init_kwargs: Any) -> Any:
     """Boxed ShapeDtypeStructs of every collection `model.init` creates; nothing is allocated."""
     ids = jnp.zeros(sample_shape, jnp.int32)

@@ -1,0 +1,158 @@
+"""Train-step throughput on SmolLM2-135M: MoLA (8 experts, top-2, r=8, all seven linears), 4x256 tokens.
+
+JAX: the project's pure train step (forward, backward w.r.t. the adapter collection, AdamW),
+compiled ahead of time with donated state (`CompiledSteps`). PyTorch: transformers'
+LlamaForCausalLM with a MoLA-style expert module (one-hot mask + `index_add_`, as
+GCYZSL/MoLA; from bench_adapters.py) and torch.optim.AdamW. Same weights, same batch.
+
+Timing alternates one step of each per round in one process (medians, ratio printed).
+Peak memory is the maximum resident set size of a separate child process per framework
+that loads the model and runs 3 steps (JAX on CPU has no device memory statistics).
+Target: JAX tokens/s >= 2x PyTorch.
+
+    python experiments/bench_train.py [--rounds 5] [--out experiments/results/bench_train.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+import transformers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_adapters import CONFIGS, cpu_name, random_adapter, torch_mola_model  # noqa: E402
+
+from moe_lora_jax import LlamaForCausalLM, load_hf_llama  # noqa: E402
+from moe_lora_jax.convert import resolve_hf_dir  # noqa: E402
+from moe_lora_jax.embedded import default_model_path  # noqa: E402
+from moe_lora_jax.parallel import make_mesh  # noqa: E402
+from moe_lora_jax.parallel.rules import param_shardings  # noqa: E402
+from moe_lora_jax.train.state import TrainState, state_shardings  # noqa: E402
+from moe_lora_jax.train.step import CompiledSteps, make_train_step  # noqa: E402
+
+LR = 1e-4
+
+
+def setup(batch: int, length: int):
+    path = default_model_path()
+    config, params = load_hf_llama(path)
+    ids_BxL = np.random.default_rng(0).integers(0, config.vocab_size, size=(batch, length)).astype(np.int32)
+    return path, config, params, ids_BxL, random_adapter(config, CONFIGS["mola"], seed=1)
+
+
+def jax_stepper(config, params, adapter, ids_BxL):
+    """One call = one train step (state donated and replaced)."""
+    ac = CONFIGS["mola"]
+    model = LlamaForCausalLM(config, ac)
+    optimizer = optax.adamw(LR)
+    mesh = make_mesh((1, 1, 1))
+    state = TrainState.create(adapter, optimizer)
+    state_sh = state_shardings(state, mesh)
+    base_sh = param_shardings(LlamaForCausalLM(config), mesh)["params"]
+    step_fn = make_train_step(model, ac, optimizer, deterministic=True, log_routing=False)
+    steps = CompiledSteps(step_fn, mesh, state, state_sh, params, base_sh)
+    batch = {"input_ids": jnp.asarray(ids_BxL), "attention_mask": jnp.ones(ids_BxL.shape, jnp.int32)}
+    holder = {"state": jax.device_put(state, state_sh)}
+
+    def step() -> float:
+        holder["state"], metrics = steps(holder["state"], params, batch)
+        return float(jax.block_until_ready(metrics["ce"]))
+
+    return step
+
+
+def torch_stepper(path, adapter, ids_BxL):
+    model, trainable = torch_mola_model(resolve_hf_dir(path), adapter, CONFIGS["mola"])
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=1e-4)
+    ids = torch.tensor(ids_BxL, dtype=torch.long)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        logits_BxLxV = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits_BxLxV[:, :-1].reshape(-1, logits_BxLxV.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    return step
+
+
+def peak_rss_mib(framework: str, batch: int, length: int) -> float:
+    """Max RSS of a child process that runs 3 steps of one framework."""
+    out = subprocess.run([sys.executable, __file__, "--only", framework, "--batch", str(batch), "--length", str(length)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK_RSS_MIB")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=None, help="write the results (markdown) here")
+    parser.add_argument("--only", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    path, config, params, ids_BxL, adapter = setup(args.batch, args.length)
+
+    if args.only:  # child process for the memory figure
+        step = jax_stepper(config, params, adapter, ids_BxL) if args.only == "jax" else torch_stepper(path, adapter, ids_BxL)
+        for _ in range(3):
+            step()
+        print(f"PEAK_RSS_MIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+        return
+
+    t0 = time.perf_counter()
+    fns = {"jax": jax_stepper(config, params, adapter, ids_BxL)}
+    first = {"jax": fns["jax"]()}
+    compile_s = time.perf_counter() - t0
+    fns["torch"] = torch_stepper(path, adapter, ids_BxL)
+    first["torch"] = fns["torch"]()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mem = {k: peak_rss_mib(k, args.batch, args.length) for k in fns}
+    tokens = args.batch * args.length
+    speedup = med["torch"] / med["jax"]
+    lines = [
+        f"# Train step (MoLA 8 experts, top-2, r=8, all seven linears; AdamW), SmolLM2-135M-Instruct, {args.batch}x{args.length} tokens, float32",
+        "",
+        f"- date: {datetime.date.today()}; CPU: {cpu_name()}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()})",
+        f"- jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
+        f"- {args.rounds} alternating rounds after one warm-up step each; JAX compile + first step {compile_s:.0f} s",
+        f"- first-step loss (same weights, same batch): JAX {first['jax']:.5f}, PyTorch {first['torch']:.5f}",
+        "- peak memory: max RSS of a separate process loading the model and running 3 steps",
+        "",
+        "| implementation | median s/step | tokens/s | peak RSS MiB |",
+        "|---|---|---|---|",
+        f"| JAX train step (jit, donated state) | {med['jax']:.3f} | {tokens / med['jax']:,.0f} | {mem['jax']:,.0f} |",
+        f"| PyTorch, MoLA-style expert loop | {med['torch']:.3f} | {tokens / med['torch']:,.0f} | {mem['torch']:,.0f} |",
+        "",
+        f"**JAX throughput / PyTorch = {speedup:.2f}x** (target >= 2x: {'met' if speedup >= 2 else 'MISSED'})",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Orbax checkpoints of a training run: adapter state, optimizer, step, RNG, data position.
+
+    store = CheckpointStore(ckpt_dir, keep=3, async_save=True, meta=run_meta)
+    store.save(step, state, data_state)                  # refuses non-finite states
+    restored = store.restore_latest(abstract_state)      # (state, data_state, meta) or None
+    store.close()                                        # waits for pending async saves
+
+Each step directory holds two items:
+
+    state/   the TrainState as an orbax PyTree (adapter, opt_state, step, rng, counters)
+    meta/    JSON: the data position, plus the run's identity (base model reference and
+             fingerprint, AdapterConfig with its Allocation, resolved train config)
+
+The frozen base model is referenced (path + fingerprint of its shapes and a few
+values), never copied. Resuming checks that the base model and the adapter
+(Allocation included) are the ones the checkpoint was written with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.train.state import TrainState
+
+# Keys of the run identity that must match between a checkpoint and the run resuming from it.
+IDENTITY_KEYS = ("base_fingerprint", "adapter_config")
+
+
+def base_fingerprint(params: Any) -> str:
+    """A short hash of the base model: every tensor's path, shape and dtype, and the sum of a few values.
+
+    Cheap (reads one slice of each tensor) yet different for another model, another
+    size, or the same architecture with other weights.
+    """
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str((tuple(leaf.shape), str(leaf.dtype))).encode())
+        sample = np.asarray(jax.device_get(leaf.reshape(-1)[:64]), np.float64)
+        h.update(np.round(sample, 6).tobytes())
+    return h.hexdigest()[:16]
+
+
+def all_finite(tree: Any) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+class CheckpointStore:
+    """An orbax CheckpointManager keeping the last `keep` steps; saves are asynchronous by default.
+
+    All processes call `save` and `restore_latest` (orbax coordinates them; process 0 writes the metadata).
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True, meta: Mapping[str, Any] | None = None) -> None:
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise MoeLoraError(f"checkpoint path {self.directory} is a file: point checkpoint.dir at a directory")
+        self.meta = dict(meta or {})
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self._ocp = ocp
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state: TrainState, data_state: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Save `state` at `step`. A state holding NaN/Inf is never written (MoeLoraError)."""
+        if not all_finite(state.to_dict()):
+            raise MoeLoraError(f"refusing to checkpoint step {step}: the train state holds NaN or Inf")
+        meta = {**self.meta, "data_state": _jsonable(data_state), "step": int(step)}
+        args = self._ocp.args.Composite(
+            state=self._ocp.args.StandardSave(state.to_dict()), meta=self._ocp.args.JsonSave(meta)
+        )
+        return bool(self._manager.save(step, args=args, force=force))
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    # ------------------------------------------------------------------ restore
+    @property
+    def steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+        """(state, data_state, meta) of `step`, placed like `abstract_state` (a TrainState of ShapeDtypeStructs
+        carrying shardings, or of arrays). Raises MoeLoraError for another run's or a damaged checkpoint."""
+        where = self.directory / str(step)
+        try:
+            meta = self._manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
+            raise MoeLoraError(f"checkpoint {where} is damaged ({type(e).__name__}): delete that step directory to resume from an earlier one") from None
+        self._check_identity(meta, where)
+        target = jax.tree.map(_abstract, abstract_state.to_dict())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                restored = self._manager.restore(step, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(target)))
+        except Exception as e:  # noqa: BLE001
+            raise MoeLoraError(
+                f"checkpoint {where} cannot be read into this run's state ({type(e).__name__}: {str(e).splitlines()[0][:160]}): "
+                "it is damaged or was written by another adapter; delete it or use another checkpoint.dir"
+            ) from None
+        state = TrainState.from_dict(restored["state"])
+        if not all_finite(state.to_dict()):
+            raise MoeLoraError(f"checkpoint {where} holds NaN or Inf: it is damaged; delete it to resume from an earlier step")
+        return state, dict(meta.get("data_state", {})), dict(meta)
+
+    def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]] | None:
+        step = self.latest_step()
+        return None if step is None else self.restore(step, abstract_state)
+
+    def _check_identity(self, meta: Mapping[str, Any], where: Path) -> None:
+        for key in IDENTITY_KEYS:
+            if key in self.meta and key in meta and _canonical(meta[key]) != _canonical(self.meta[key]):
+                what = "base model" if key == "base_fingerprint" else "adapter (method, sizes or Allocation)"
+                raise MoeLoraError(
+                    f"checkpoint {where} was written with another {what} than this run's: "
+                    "use the same model and adapter to resume, or a new output_dir / checkpoint.dir to start afresh"
+                )
+
+
+def _abstract(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if sharding is None else x.dtype, sharding=sharding)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(_jsonable(value), sort_keys=True)
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars/arrays become Python numbers/lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,275 @@
+"""The pure train step, and its ahead-of-time compilation with explicit shardings.
+
+    step_fn = make_train_step(model, adapter_config, optimizer, grad_accum=2, lr_schedule=schedule)
+    state, metrics = step_fn(state, base_params, batch)          # pure; jit it yourself, or:
+    steps = CompiledSteps(step_fn, mesh, state, base_params)      # jit(...).lower(...).compile() per batch shape
+    state, metrics = steps(state, base_params, batch)             # state is donated
+
+One step:
+
+1. The batch [B, ...] is cut into `grad_accum` micro-batches (row i goes to micro-batch
+   i mod grad_accum, so every micro-batch stays spread over the data-parallel devices).
+2. `lax.scan` over the micro-batches: forward with `mutable=["intermediates"]`,
+   `losses.total_loss`, gradient with respect to the `adapter` collection only. The
+   cross-entropy of micro-batch m is weighted by its share of the batch's response
+   tokens n_m / N, so the accumulated gradient equals that of one pass over the whole
+   batch; balance terms (functions of router statistics) are averaged over micro-batches.
+3. Non-finite guard: if the loss or any gradient is NaN/Inf, the adapter, optimizer
+   state and rng are returned unchanged; only `step` and the non-finite counters move,
+   and `metrics["nonfinite"]` is 1.
+4. Otherwise optax (clipping, AdamW) updates the adapter.
+
+Metrics: loss (task CE + weighted balance terms), ce, every balance term, accuracy,
+tokens, grad_norm, lr, nonfinite, and per layer router/layer_<i>/{entropy,
+entropy_norm, load_max, load_min, load_cv2, load} averaged over that layer's routers
+(plus router/mean/*).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moe_lora_jax.losses import router_stats, total_loss
+from moe_lora_jax.parallel.mesh import BATCH_AXES
+from moe_lora_jax.parallel.rules import batch_sharding
+from moe_lora_jax.train.metrics import routing_stats
+from moe_lora_jax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+
+
+def response_tokens(batch: Batch) -> jax.Array:
+    """Tokens that carry loss (the count `losses.cross_entropy` divides by)."""
+    mask = batch.get("loss_mask", batch.get("attention_mask"))
+    if mask is None:
+        return jnp.asarray(batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1), jnp.float32)
+    return jnp.sum(mask[:, 1:].astype(jnp.float32))
+
+
+def routing_metrics(intermediates: Mapping[str, Any] | None, attention_mask: jax.Array | None, top_k: int) -> dict[str, jax.Array]:
+    """Per-layer routing entropy and expert utilisation, averaged over the layer's routers."""
+    if not intermediates:
+        return {}
+    stats = router_stats(intermediates, "router") + router_stats(intermediates, "milora")
+    per_layer: dict[int, list[dict[str, jax.Array]]] = {}
+    for s in stats:
+        probs = jax.nn.softmax(s.logits.astype(jnp.float32), axis=-1)
+        mask = attention_mask if (attention_mask is not None and probs.shape[:2] == attention_mask.shape) else None
+        E = probs.shape[-1]
+        per_layer.setdefault(s.layer, []).append(routing_stats(probs, mask, min(top_k, E), prefix="r"))
+    out: dict[str, jax.Array] = {}
+    means: dict[str, list[jax.Array]] = {}
+    for layer, rows in sorted(per_layer.items()):
+        for stat in ("entropy", "entropy_norm", "load_max", "load_min", "load_cv2"):
+            value = jnp.mean(jnp.stack([r[f"r/{stat}"] for r in rows]))
+            out[f"router/layer_{layer}/{stat}"] = value
+            means.setdefault(stat, []).append(value)
+        loads = [r["r/load"] for r in rows]
+        if len({l.shape for l in loads}) == 1:
+            out[f"router/layer_{layer}/load"] = jnp.mean(jnp.stack(loads), axis=0)
+    for stat, values in means.items():
+        out[f"router/mean/{stat}"] = jnp.mean(jnp.stack(values))
+    return out
+
+
+def _split_micro(batch: Batch, grad_accum: int, mesh: Mesh | None) -> dict[str, jax.Array]:
+    """[B, ...] -> [A, B/A, ...] with row i in micro-batch i mod A."""
+    out = {}
+    for k, v in batch.items():
+        v = jnp.asarray(v)
+        B = v.shape[0]
+        v = jnp.moveaxis(v.reshape((B // grad_accum, grad_accum) + v.shape[1:]), 1, 0)
+        if mesh is not None:
+            spec = PartitionSpec(None, BATCH_AXES, *([None] * (v.ndim - 2)))
+            v = jax.lax.with_sharding_constraint(v, NamedSharding(mesh, spec))
+        out[k] = v
+    return out
+
+
+def make_train_step(
+    model: Any,
+    adapter_config: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum: int = 1,
+    lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
+    mesh: Mesh | None = None,
+    deterministic: bool = False,
+    log_routing: bool = True,
+    loss_fn: Callable | None = None,
+) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """A pure `train_step(state, base_params, batch) -> (state, metrics)`.
+
+    `loss_fn(logits, batch, intermediates, adapter_config) -> (loss, metrics)` defaults to
+    `losses.total_loss`; its metrics must include "ce" and "tokens".
+    """
+    loss_fn = total_loss if loss_fn is None else loss_fn
+    top_k = adapter_config.top_k if adapter_config is not None and adapter_config.method in ("mola", "mixlora", "milora") else 1
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum} must be >= 1")
+
+    def micro_objective(adapter, base, micro, key, n_total):
+        logits, mutated = model.apply(
+            {"params": base, "adapter": adapter},
+            micro["input_ids"],
+            micro.get("attention_mask"),
+            deterministic=deterministic,
+            rngs={"dropout": key},
+            mutable=["intermediates"],
+        )
+        inter = mutated.get("intermediates", {})
+        loss, metrics = loss_fn(logits, micro, inter, adapter_config)
+        n = metrics["tokens"]
+        objective = metrics["ce"] * n / jnp.maximum(n_total, 1.0) + (loss - metrics["ce"]) / grad_accum
+        extra = routing_metrics(inter, micro.get("attention_mask"), top_k) if log_routing else {}
+        return objective, (dict(metrics), extra)
+
+    grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+
+    def train_step(state: TrainState, base_params: Any, batch: Batch):
+        batch = dict(batch)
+        n_total = response_tokens(batch)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if grad_accum == 1:
+            objective, (metrics, extra), grads = _one(grad_fn, state.adapter, base_params, batch, key, n_total)
+            per_micro = jax.tree.map(lambda x: x[None], (metrics, extra))
+        else:
+            micro = _split_micro(batch, grad_accum, mesh)
+            zeros = jax.tree.map(jnp.zeros_like, state.adapter)
+
+            def body(carry, xs):
+                grads_acc, obj_acc = carry
+                m_batch, m = xs
+                obj, aux, g = _one(grad_fn, state.adapter, base_params, m_batch, jax.random.fold_in(key, m), n_total)
+                return (jax.tree.map(jnp.add, grads_acc, g), obj_acc + obj), aux
+
+            (grads, objective), per_micro = jax.lax.scan(
+                body, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(grad_accum))
+            )
+        metrics = _combine(per_micro, n_total)
+        metrics["loss"] = objective
+
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+        finite = jnp.isfinite(objective) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.adapter)
+        new_adapter = optax.apply_updates(state.adapter, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            adapter=jax.tree.map(keep, new_adapter, state.adapter),
+            opt_state=jax.tree.map(keep, new_opt_state, state.opt_state),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1).astype(jnp.int32),
+        )
+        metrics.update(grad_norm=grad_norm, tokens=n_total, nonfinite=(~finite).astype(jnp.int32))
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(state.applied_updates), jnp.float32)
+        return new_state, metrics
+
+    return train_step
+
+
+def _one(grad_fn, adapter, base, batch, key, n_total):
+    (objective, aux), grads = grad_fn(adapter, base, batch, key, n_total)
+    return objective, aux, grads
+
+
+def _combine(per_micro: tuple[dict, dict], n_total: jax.Array) -> dict[str, jax.Array]:
+    """Merge per-micro-batch metrics (leading axis A): token-weighted CE/accuracy, mean of the rest."""
+    metrics, extra = per_micro
+    out: dict[str, jax.Array] = {}
+    n = metrics["tokens"]
+    for k, v in metrics.items():
+        if k in ("ce", "accuracy"):
+            out[k] = jnp.sum(v * n) / jnp.maximum(n_total, 1.0)
+        elif k == "tokens":
+            continue
+        else:
+            out[k] = jnp.mean(v, axis=0)
+    for k, v in extra.items():
+        out[k] = jnp.mean(v, axis=0)
+    return out
+
+
+def make_eval_step(model: Any, adapter_config: Any, loss_fn: Callable | None = None) -> Callable:
+    """`eval_step(adapter, base_params, batch) -> {"ce_sum", "tokens", "loss"}` (deterministic, no gradients)."""
+    loss_fn = total_loss if loss_fn is None else loss_fn
+
+    def eval_step(adapter, base_params, batch):
+        logits, mutated = model.apply(
+            {"params": base_params, "adapter": adapter},
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            deterministic=True,
+            mutable=["intermediates"],
+        )
+        loss, metrics = loss_fn(logits, batch, mutated.get("intermediates", {}), adapter_config)
+        return {"ce_sum": metrics["ce"] * metrics["tokens"], "tokens": metrics["tokens"], "loss": loss}
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------- ahead-of-time compilation
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=s), tree, shardings)
+
+
+class CompiledSteps:
+    """`jax.jit(step, in_shardings, out_shardings, donate_argnums=(0,)).lower(...).compile()`, one per batch shape.
+
+    Base params are sharded by `base_shardings` (the logical rules), the state by
+    `state_shardings` (replicated by default), the batch over (data, fsdp), the metrics
+    replicated. `compile(batch_shapes)` may be called ahead of time for known shapes;
+    calling with an unseen shape compiles it then.
+    """
+
+    def __init__(self, step_fn: Callable, mesh: Mesh, state: TrainState, state_shardings: Any, base_params: Any, base_shardings: Any, donate: bool = True) -> None:
+        self.mesh = mesh
+        self.state_shardings = state_shardings
+        self.base_shardings = base_shardings
+        self._abstract_state = _abstract(state, state_shardings)
+        self._abstract_base = _abstract(base_params, base_shardings)
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._step_fn, self._donate = step_fn, donate
+        self._compiled: dict[tuple, Any] = {}
+        self.compile_seconds: dict[tuple, float] = {}
+
+    @staticmethod
+    def _key(batch: Mapping[str, Any]) -> tuple:
+        return tuple(sorted((k, tuple(np.shape(v)), str(jnp.result_type(v))) for k, v in batch.items()))
+
+    def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        return {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+    def compile(self, batch: Mapping[str, Any]) -> Any:
+        import time
+
+        key = self._key(batch)
+        if key not in self._compiled:
+            batch_sh = self.batch_shardings(batch)
+            jitted = jax.jit(
+                self._step_fn,
+                in_shardings=(self.state_shardings, self.base_shardings, batch_sh),
+                out_shardings=(self.state_shardings, self._replicated),
+                donate_argnums=(0,) if self._donate else (),
+            )
+            t0 = time.perf_counter()
+            abstract_batch = {
+                k: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v), sharding=batch_sh[k]) for k, v in batch.items()
+            }
+            self._compiled[key] = jitted.lower(self._abstract_state, self._abstract_base, abstract_batch).compile()
+            self.compile_seconds[key] = time.perf_counter() - t0
+        return self._compiled[key]
+
+    def __call__(self, state: TrainState, base_params: Any, batch: Mapping[str, jax.Array]):
+        compiled = self.compile(batch)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+            return compiled(state, base_params, batch)
