@@ -20,6 +20,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate", help="continue a prompt with the KV cache (greedy, sampling or beam search)")
     p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="adapter directory (native, PEFT LoRA or mixlora) to decode with")
+    p.add_argument("--merge", action="store_true", help="fold a plain LoRA --adapter into the base weights (no adapter overhead)")
     p.add_argument("--prompt", default=None, help="text to continue; without it, read prompts from stdin, one per line")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--beams", type=int, default=1, help="beam search with this many beams (1: no beam search)")
@@ -43,6 +45,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise MoeLoraError(f"--top-p={args.top_p} is out of range: use a value in (0, 1]")
     if args.beams > 1 and args.temperature > 0:
         raise MoeLoraError("--beams > 1 with --temperature > 0 is not supported: beam search here is deterministic")
+    if args.merge and args.adapter is None:
+        raise MoeLoraError("--merge needs --adapter DIR: there is no LoRA to fold into the base weights")
 
 
 class Generator:
@@ -94,10 +98,9 @@ class Generator:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from moe_lora_jax.cli import _load
+    from moe_lora_jax.cli_eval import load_model_and_adapter
     from moe_lora_jax.convert import load_llama_config
     from moe_lora_jax.embedded import resolve_model_path
-    from moe_lora_jax.model import LlamaForCausalLM
     from moe_lora_jax.tokenizer import load_tokenizer
 
     _check_args(args)
@@ -107,8 +110,8 @@ def run_generate(args: argparse.Namespace) -> int:
     generator = Generator(args, path, load_llama_config(path), {}, load_tokenizer(path), None)
     if args.prompt is not None:
         generator.encode(args.prompt)  # a prompt that cannot fit fails before the slow weight load
-    _, config, params = _load(args.model)
-    generator.config, generator.variables, generator.model = config, {"params": params}, LlamaForCausalLM(config)
+    _, config, model, variables = load_model_and_adapter(args.model, args.adapter, merge=args.merge)
+    generator.config, generator.variables, generator.model = config, variables, model
 
     def emit(text: str) -> None:
         completion, tokens = generator(text)

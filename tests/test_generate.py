@@ -134,3 +134,23 @@ def test_smollm2_beam_search_matches_transformers(smollm2, smollm2_torch):
             num_beams=3, do_sample=False, length_penalty=1.0, early_stopping=False, pad_token_id=config.pad_token_id,
         )[:, enc["input_ids"].shape[1]:].numpy()
     np.testing.assert_array_equal(np.asarray(ours)[:, : ref.shape[1]], ref)
+
+
+def test_smollm2_greedy_32_tokens_matches_transformers(smollm2, smollm2_torch):
+    import torch
+
+    config, params, tokenizer, _ = smollm2
+    tokenizer.padding_side = "left"
+    prompts = ["Once upon a time, in a small village by the sea,", "The three primary colors are"]
+    enc = tokenizer(prompts, return_tensors="np", padding=True)
+    ours = generate(
+        LlamaForCausalLM(config), {"params": params}, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]),
+        max_new_tokens=32, eos_token_ids=config.eos_token_id, pad_token_id=config.pad_token_id,
+    )
+    with torch.no_grad():
+        ref = smollm2_torch.generate(
+            torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]), max_new_tokens=32,
+            do_sample=False, pad_token_id=config.pad_token_id,
+        )[:, enc["input_ids"].shape[1]:].numpy()
+    assert ref.shape == (2, 32)
+    np.testing.assert_array_equal(np.asarray(ours), ref)

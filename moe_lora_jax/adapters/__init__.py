@@ -1,12 +1,13 @@
 """Adapters: LoRA, expert banks and routers (MoLoRA, MoLA, LoRAMoE), MoV, MixLoRA, MiLoRA.
 
 `AdapterConfig` describes one; `LlamaForCausalLM(config, adapter_config)` builds it;
-`load_adapter` / `save_adapter` read and write PEFT, mixlora and the project's own format.
+`load_adapter` / `save_adapter` read and write PEFT, mixlora and the project's own format;
+`merge_lora` folds a plain LoRA into the base kernels for serving.
 """
 
 from moe_lora_jax.adapters.config import METHODS, AdapterConfig
 
-__all__ = ["METHODS", "AdapterConfig", "load_adapter", "save_adapter", "init_adapter"]
+__all__ = ["METHODS", "AdapterConfig", "load_adapter", "save_adapter", "init_adapter", "merge_lora"]
 
 
 def __getattr__(name):  # lazy: io imports the model, which imports this package
@@ -14,4 +15,8 @@ def __getattr__(name):  # lazy: io imports the model, which imports this package
         from moe_lora_jax.adapters import io
 
         return getattr(io, name)
+    if name == "merge_lora":
+        from moe_lora_jax.adapters.merge import merge_lora
+
+        return merge_lora
     raise AttributeError(name)
