@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from typing import Any, Callable
@@ -39,6 +37,7 @@ from moe_lora_jax.adapters.io import BLOCK, PROJ, adapter_shapes
 from moe_lora_jax.convert import resolve_hf_dir
 from moe_lora_jax.embedded import default_model_path
 from moe_lora_jax.losses import cross_entropy
+from benchlib import cpu_name
 
 RANK, ALPHA, EXPERTS, TOP_K = 8, 16.0, 8, 2
 CONFIGS = {
@@ -47,14 +46,6 @@ CONFIGS = {
     # the mixlora package refuses lora_dropout=0; dropout is off at run time in both frameworks
     "mixlora": AdapterConfig(method="mixlora", rank=RANK, alpha=ALPHA, dropout=0.05, num_experts=EXPERTS, top_k=TOP_K),
 }
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def random_adapter(config: Any, ac: AdapterConfig, seed: int) -> dict:

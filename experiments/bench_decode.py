@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 from typing import Callable
 
@@ -39,6 +37,7 @@ from moe_lora_jax.convert import resolve_hf_dir
 from moe_lora_jax.embedded import default_model_path
 from moe_lora_jax.generate import beam_search, generate
 from moe_lora_jax.tokenizer import load_tokenizer
+from benchlib import cpu_name
 
 PROMPT = "Write a short story about a robot who learns to paint."
 ADAPTERS = {
@@ -47,14 +46,6 @@ ADAPTERS = {
     "mola": AdapterConfig(method="mola", rank=8, num_experts=8, top_k=2),
     "milora": AdapterConfig(method="milora", rank=8, top_k=2),
 }
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def random_adapter(config, adapter_config: AdapterConfig, seed: int = 0) -> dict:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
-import subprocess
 import time
 
 import jax
@@ -24,14 +22,7 @@ import transformers
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama
 from moe_lora_jax.convert import resolve_hf_dir
 from moe_lora_jax.embedded import default_model_path
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+from benchlib import cpu_name
 
 
 def main() -> None:

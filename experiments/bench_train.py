@@ -34,7 +34,8 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_adapters import CONFIGS, cpu_name, random_adapter, torch_mola_model  # noqa: E402
+from bench_adapters import CONFIGS, random_adapter, torch_mola_model  # noqa: E402
+from benchlib import cpu_name  # noqa: E402
 
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama  # noqa: E402
 from moe_lora_jax.convert import resolve_hf_dir  # noqa: E402
