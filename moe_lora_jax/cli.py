@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -104,9 +105,13 @@ def run_convert(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ main
 def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from moe_lora_jax.cli_allocation import add_allocate_parser, add_analyze_parser
+    from moe_lora_jax.cli_eval import add_eval_parser
     from moe_lora_jax.cli_generate import add_generate_parser
+    from moe_lora_jax.cli_train import add_quickstart_parser, add_train_parser
 
-    return [add_info_parser, add_convert_parser, add_generate_parser]
+    return [add_info_parser, add_convert_parser, add_generate_parser, add_eval_parser, add_train_parser,
+            add_quickstart_parser, add_analyze_parser, add_allocate_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MoeLoraError as e:
         print(f"moe-lora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
