@@ -69,12 +69,9 @@ class Generator:
                 f"prompt ({len(ids)} tokens) + --max-new-tokens ({self.args.max_new_tokens}) exceeds the model's "
                 f"context of {limit}: shorten the prompt or ask for fewer tokens"
             )
-        width = min(-(-len(ids) // PROMPT_BUCKET) * PROMPT_BUCKET, limit - self.args.max_new_tokens)
-        input_ids = np.full((1, width), self.config.pad_token_id or 0, np.int32)
-        mask = np.zeros((1, width), np.int32)
-        input_ids[0, width - len(ids):] = ids
-        mask[0, width - len(ids):] = 1
-        return input_ids, mask
+        from moe_lora_jax.evaluate import left_pad
+
+        return left_pad([ids], self.config.pad_token_id or 0, PROMPT_BUCKET, max_width=limit - self.args.max_new_tokens)
 
     def __call__(self, text: str) -> tuple[str, list[int]]:
         import jax

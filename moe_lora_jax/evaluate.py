@@ -55,9 +55,12 @@ def stop_ids(tokenizer: Any, template: str, eos_token_ids: Sequence[int] = ()) -
     return tuple(sorted(ids))
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, pad_multiple: int) -> tuple[np.ndarray, np.ndarray]:
-    """[B, L] ids and mask with every row right-aligned; L rounded up to `pad_multiple`."""
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, pad_multiple: int,
+             max_width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[B, L] ids and mask with every row right-aligned; L rounded up to `pad_multiple`, at most `max_width`."""
     width = -(-max(len(r) for r in rows) // pad_multiple) * pad_multiple
+    if max_width is not None:
+        width = max(min(width, max_width), max(len(r) for r in rows))
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):

@@ -68,7 +68,9 @@ def resolve_allocation(spec: Any, params: Any, num_layers: int, *, progress: boo
     """An `Allocation` from the config's `adapter.allocation`: a JSON path, a dict of counts
     ({"experts_per_layer": [...]} or {"modules": {...}}), or a recipe
     {"method": alphalora|uniform|mola-*, "total": T, "beta": B, "estimator": ...}."""
-    from moe_lora_jax.allocation import Allocation, HillOptions, allocate_alphalora, allocate_shape, analyze_params, layer_metric
+    from moe_lora_jax.allocation import (
+        ALPHALORA_DEFAULT_BETA, Allocation, HillOptions, allocate_alphalora, allocate_shape, analyze_params, layer_metric,
+    )
 
     if spec is None or isinstance(spec, Allocation):
         return spec
@@ -81,7 +83,7 @@ def resolve_allocation(spec: Any, params: Any, num_layers: int, *, progress: boo
             estimator = str(spec.get("estimator", "fix-finger"))
             fits = analyze_params(params, HillOptions(estimator), progress=progress)
             metric = layer_metric(fits, num_layers)
-            alloc = allocate_alphalora(metric, total, float(spec.get("beta", 2.5)), provenance={"estimator": estimator}, **limits)
+            alloc = allocate_alphalora(metric, total, float(spec.get("beta", ALPHALORA_DEFAULT_BETA)), provenance={"estimator": estimator}, **limits)
         else:
             alloc = allocate_shape(method, num_layers, total, **limits)
     elif isinstance(spec, Mapping):
