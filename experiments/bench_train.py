@@ -6,8 +6,10 @@ LlamaForCausalLM with a MoLA-style expert module (one-hot mask + `index_add_`, a
 GCYZSL/MoLA; from bench_adapters.py) and torch.optim.AdamW. Same weights, same batch.
 
 Timing alternates one step of each per round in one process (medians, ratio printed).
-Peak memory is the maximum resident set size of a separate child process per framework
-that loads the model and runs 3 steps (JAX on CPU has no device memory statistics).
+Peak memory is the high-water resident set size (VmHWM) of a separate child process per
+framework that loads the model and runs 3 steps (JAX on CPU has no device memory statistics;
+the JAX figure includes XLA's compilation). Not ru_maxrss: Linux carries the forking
+parent's peak into the child's ru_maxrss across exec.
 Target: JAX tokens/s >= 2x PyTorch.
 
     python experiments/bench_train.py [--rounds 5] [--out experiments/results/bench_train.md]
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -87,9 +88,17 @@ def torch_stepper(path, adapter, ids_BxL):
         loss = F.cross_entropy(logits_BxLxV[:, :-1].reshape(-1, logits_BxLxV.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
+
+
+def vm_hwm_mib() -> float:
+    """This process's peak resident set size (Linux /proc/self/status VmHWM), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
 def peak_rss_mib(framework: str, batch: int, length: int) -> float:
@@ -114,7 +123,7 @@ def main() -> None:
         step = jax_stepper(config, params, adapter, ids_BxL) if args.only == "jax" else torch_stepper(path, adapter, ids_BxL)
         for _ in range(3):
             step()
-        print(f"PEAK_RSS_MIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+        print(f"PEAK_RSS_MIB {vm_hwm_mib():.0f}")
         return
 
     t0 = time.perf_counter()
@@ -140,7 +149,7 @@ def main() -> None:
         f"- jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
         f"- {args.rounds} alternating rounds after one warm-up step each; JAX compile + first step {compile_s:.0f} s",
         f"- first-step loss (same weights, same batch): JAX {first['jax']:.5f}, PyTorch {first['torch']:.5f}",
-        "- peak memory: max RSS of a separate process loading the model and running 3 steps",
+        "- peak memory: VmHWM of a separate process loading the model and running 3 steps (JAX: including compilation)",
         "",
         "| implementation | median s/step | tokens/s | peak RSS MiB |",
         "|---|---|---|---|",

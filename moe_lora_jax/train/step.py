@@ -14,9 +14,9 @@ One step:
    cross-entropy of micro-batch m is weighted by its share of the batch's response
    tokens n_m / N, so the accumulated gradient equals that of one pass over the whole
    batch; balance terms (functions of router statistics) are averaged over micro-batches.
-3. Non-finite guard: if the loss or any gradient is NaN/Inf, the adapter, optimizer
-   state and rng are returned unchanged; only `step` and the non-finite counters move,
-   and `metrics["nonfinite"]` is 1.
+3. Non-finite guard: if the loss or any gradient is NaN/Inf, the optimizer update is
+   skipped (`lax.cond`): the adapter, optimizer state and rng are returned unchanged;
+   only `step` and the non-finite counters move, and `metrics["nonfinite"]` is 1.
 4. Otherwise optax (clipping, AdamW) updates the adapter.
 
 Metrics: loss (task CE + weighted balance terms), ce, every balance term, accuracy,
@@ -158,13 +158,15 @@ def make_train_step(
 
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
         finite = jnp.isfinite(objective) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.adapter)
-        new_adapter = optax.apply_updates(state.adapter, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        # lax.cond rather than a per-leaf jnp.where: the where form made XLA's CPU compile time
+        # superlinear in the number of adapter leaves (8 MoLA layers: 22 s vs 6 s with cond).
+        new_adapter, new_opt_state = jax.lax.cond(
+            finite, _apply_update, lambda operands: operands[:2], (state.adapter, state.opt_state, grads)
+        )
         new_state = state.replace(
             step=state.step + 1,
-            adapter=jax.tree.map(keep, new_adapter, state.adapter),
-            opt_state=jax.tree.map(keep, new_opt_state, state.opt_state),
+            adapter=new_adapter,
+            opt_state=new_opt_state,
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1).astype(jnp.int32),
         )
@@ -172,6 +174,11 @@ def make_train_step(
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.applied_updates), jnp.float32)
         return new_state, metrics
+
+    def _apply_update(operands):
+        adapter, opt_state, grads = operands
+        updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
+        return optax.apply_updates(adapter, updates), new_opt_state
 
     return train_step
 
