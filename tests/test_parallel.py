@@ -8,14 +8,8 @@ when the module's first test asks for them and run side by side.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 import types
-from pathlib import Path
 
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -24,8 +18,7 @@ from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.parallel.mesh import resolve_mesh_shape
 from moe_lora_jax.parallel.multihost import distributed_plan
 from moe_lora_jax.parallel.rules import LOGICAL_AXIS_RULES, fit_spec, mesh_spec
-
-REPO = Path(__file__).resolve().parent.parent
+from subprocess_testlib import finish, free_port, start, stop
 
 # SmolLM2-135M's layer shapes (hidden 576, 9 heads, 3 KV heads of 64, MLP 1536), one layer, small vocab.
 MODEL = """
@@ -109,49 +102,24 @@ print("RESULT " + json.dumps({"kind": plan.kind, "pid": pid, "n": n, "devices": 
 )
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOE_LORA_", "SLURM_", "XLA_FLAGS", "TPU_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _result(proc: subprocess.Popen, timeout: float = 240) -> dict:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
-
-
 @pytest.fixture(scope="module")
 def subprocess_runs(tmp_path_factory):
-    """Start the 8-device run and the two-process run together; yield their Popen handles."""
+    """Start the 8-device run and the two-process run together; yield their handles."""
     d = tmp_path_factory.mktemp("parallel")
     (d / "eight.py").write_text(textwrap.dedent(EIGHT_DEVICES))
     (d / "two.py").write_text(textwrap.dedent(TWO_PROCESSES))
-    opts = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(REPO))
-    port = _free_port()
+    port = free_port()
     procs = {
-        "eight": subprocess.Popen([sys.executable, str(d / "eight.py")], env=_env(), **opts),
+        "eight": start(d / "eight.py", d / "eight.log"),
         "two": [
-            subprocess.Popen(
-                [sys.executable, str(d / "two.py")],
-                env=_env(MOE_LORA_COORDINATOR=f"127.0.0.1:{port}", MOE_LORA_NUM_PROCESSES="2", MOE_LORA_PROCESS_ID=str(i)),
-                **opts,
-            )
+            start(d / "two.py", d / f"two-{i}.log", MOE_LORA_COORDINATOR=f"127.0.0.1:{port}",
+                  MOE_LORA_NUM_PROCESSES="2", MOE_LORA_PROCESS_ID=str(i))
             for i in range(2)
         ],
     }
     yield procs
     for p in [procs["eight"], *procs["two"]]:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        stop(p)
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -248,7 +216,7 @@ def test_single_process_initialize_is_a_no_op():
 
 # ----------------------------------------------------------------------------- multi-device
 def test_sharded_forward_matches_one_device_on_8_devices(subprocess_runs):
-    result = _result(subprocess_runs["eight"])
+    result = finish(subprocess_runs["eight"], timeout=240)
     assert result.pop("ref_absmax") > 0.5  # logits of a useful size, so 1e-5 is a real bound
     assert set(result) == {"(8, 1, 1)", "(2, 2, 2)", "(1, 4, 2)"}
     for shape, r in result.items():
@@ -264,7 +232,7 @@ def test_sharded_forward_matches_one_device_on_8_devices(subprocess_runs):
 
 
 def test_two_process_distributed_forward(subprocess_runs):
-    results = sorted((_result(p) for p in subprocess_runs["two"]), key=lambda r: r["pid"])
+    results = sorted((finish(p, timeout=240) for p in subprocess_runs["two"]), key=lambda r: r["pid"])
     for pid, r in enumerate(results):
         assert (r["kind"], r["pid"], r["n"], r["devices"], r["local_devices"]) == ("explicit", pid, 2, 4, 2)
         assert r["main"] is (pid == 0)

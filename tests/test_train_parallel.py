@@ -11,15 +11,13 @@ Both run in subprocesses (XLA_FLAGS and jax.distributed must be set before JAX s
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from test_parallel import REPO, _env, _free_port
+from subprocess_testlib import finish, free_port, start
 from test_train_loop import tiny_model_dir, tiny_overrides  # noqa: F401 - fixture
 
 EIGHT_DEVICE_STEPS = """
@@ -96,28 +94,6 @@ print("RESULT " + json.dumps({"pid": jax.process_index(), "n": jax.process_count
 """
 
 
-def _start(script_path, log_path, *args, **env):
-    """Run a script with its output in a file: a pipe would block a process that prints more
-    than the pipe holds while the test waits on its sibling (and then both miss the barrier)."""
-    log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, str(script_path), *args], env=_env(**env), stdout=log,
-                            stderr=subprocess.STDOUT, text=True, cwd=str(REPO)), log_path
-
-
-def _finish(started, timeout: float = 400) -> dict:
-    proc, log_path = started
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = open(log_path).read()
-    assert proc.returncode == 0, out[-3000:]
-    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
-
-
 @pytest.fixture(scope="module")
 def scripts(tmp_path_factory):
     d = tmp_path_factory.mktemp("train_parallel")
@@ -132,10 +108,10 @@ def three_steps(model_dir, out_dir) -> list[str]:
 
 def test_two_process_training_matches_one_process(scripts, tiny_model_dir, tmp_path):  # noqa: F811
     args = json.dumps(three_steps(tiny_model_dir, scripts / "two_run"))
-    port = _free_port()
-    started = [_start(scripts / "two.py", scripts / f"two_{i}.log", args, MOE_LORA_COORDINATOR=f"127.0.0.1:{port}",
+    port = free_port()
+    started = [start(scripts / "two.py", scripts / f"two_{i}.log", args, MOE_LORA_COORDINATOR=f"127.0.0.1:{port}",
                       MOE_LORA_NUM_PROCESSES="2", MOE_LORA_PROCESS_ID=str(i)) for i in range(2)]
-    results = sorted((_finish(s) for s in started), key=lambda r: r["pid"])
+    results = sorted((finish(s) for s in started), key=lambda r: r["pid"])
     assert [(r["pid"], r["n"], r["devices"]) for r in results] == [(0, 2, 2), (1, 2, 2)]
     one = train_one_process(tiny_model_dir, tmp_path / "one")
     for r in results:
@@ -146,7 +122,7 @@ def test_two_process_training_matches_one_process(scripts, tiny_model_dir, tmp_p
 
 
 def test_train_steps_on_three_meshes_match_one_device(scripts):
-    result = _finish(_start(scripts / "eight.py", scripts / "eight.log"))
+    result = finish(start(scripts / "eight.py", scripts / "eight.log"))
     assert result.pop("moved") > 1e-3  # three steps really changed the adapter, so 1e-5 is a real bound
     assert set(result) == {"(8, 1, 1)", "(2, 2, 2)", "(1, 4, 2)"}
     for shape, r in result.items():

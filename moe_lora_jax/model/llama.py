@@ -27,10 +27,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from moe_lora_jax.adapters import layers as adapter_layers
-from moe_lora_jax.adapters.config import FFN_MODULES, AdapterConfig
+from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.adapters.layers import AdapterContext
 from moe_lora_jax.config import LlamaConfig
 from moe_lora_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -131,6 +132,30 @@ def _linear_kwargs(cfg: LlamaConfig, ac: AdapterConfig | None, layer: int, targe
     return kw
 
 
+def grouped_query_attention(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+                            mask_Bx1xLxS: jax.Array) -> jax.Array:
+    """Softmax attention with K key/value heads shared by groups of N/K query heads (HF's repeat_kv order).
+
+    The same numbers as `jax.nn.dot_product_attention` (float32 logits and softmax, masked
+    logits at -0.7 * float32 max), but laid out as [B, K, G*L, H] so each score and value
+    product is one plain batched GEMM: on XLA's CPU backend this made a SmolLM2 layer's
+    attention backward 1.7x faster (44 -> 27 ms at 4x256); on GPU/TPU it is the XLA path anyway.
+    """
+    B, L, N, H = q_BxLxNxH.shape
+    K = k_BxSxKxH.shape[2]
+    G = N // K
+    q_BxKxGLxH = jnp.transpose(q_BxLxNxH.reshape(B, L, K, G, H), (0, 2, 3, 1, 4)).reshape(B, K, G * L, H)
+    k_BxKxSxH = jnp.transpose(k_BxSxKxH, (0, 2, 1, 3))
+    v_BxKxSxH = jnp.transpose(v_BxSxKxH, (0, 2, 1, 3))
+    logits = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGLxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / np.sqrt(H))  # the scale jax.nn.dot_product_attention uses
+    mask_Bx1xGLxS = jnp.tile(mask_Bx1xLxS, (1, 1, G, 1))
+    logits = jnp.where(mask_Bx1xGLxS, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxKxSxH.dtype)
+    out_BxKxGLxH = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxSxH)
+    return jnp.transpose(out_BxKxGLxH.reshape(B, K, G, L, H), (0, 3, 1, 2, 4)).reshape(B, L, N, H)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
     layer: int
@@ -159,7 +184,7 @@ class Attention(nn.Module):
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             k, v, new_kv = k_cache, v_cache, (k_cache, v_cache)
-        out_BxLxNxH = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_Bx1xLxS)
+        out_BxLxNxH = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_Bx1xLxS)
         out = TargetLinear(cfg.hidden_size, "o", ("heads", "embed"), name="o_proj", **kw("o"))
         return out(out_BxLxNxH.reshape(B, L, N * H), ctx), new_kv
 
