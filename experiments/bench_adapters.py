@@ -16,10 +16,8 @@ the causal-LM cross-entropy and no dropout, so their losses agree (printed as a 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
-import statistics
 import tempfile
 import time
 from typing import Any, Callable
@@ -37,7 +35,7 @@ from moe_lora_jax.adapters.io import BLOCK, PROJ, adapter_shapes
 from moe_lora_jax.convert import resolve_hf_dir
 from moe_lora_jax.embedded import default_model_path
 from moe_lora_jax.losses import cross_entropy
-from benchlib import cpu_name
+from benchlib import alternating_times, benchmark_parser, cpu_name, emit, medians
 
 RANK, ALPHA, EXPERTS, TOP_K = 8, 16.0, 8, 2
 CONFIGS = {
@@ -161,25 +159,8 @@ def torch_step(model: torch.nn.Module, trainable: list[torch.Tensor], ids_BxL: t
     return step
 
 
-# ------------------------------------------------------------------ timing
-def alternate(fns: dict[str, Callable], rounds: int) -> dict[str, float]:
-    """Median seconds of each fn over `rounds` rounds that run every fn once, in turn."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=None, help="write the results (markdown) here")
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__, rounds=5).parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
     path = default_model_path()
@@ -206,12 +187,8 @@ def main() -> None:
         losses[name] = fns[name]()[0]  # warm-up
     n_grads = {"torch_mola": len(mola_trainable), "torch_mixlora": len(mix_trainable)}
 
-    med = alternate(fns, args.rounds)
-    text = report(args, med, losses, compile_s, n_grads)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    med = medians(alternating_times(fns, args.rounds)[0])
+    emit(report(args, med, losses, compile_s, n_grads), args.out)
 
 
 def report(args, med: dict[str, float], losses: dict[str, float], compile_s: dict[str, float],

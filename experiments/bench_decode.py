@@ -16,10 +16,8 @@ JAX base >= transformers.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
-import statistics
 import time
 from typing import Callable
 
@@ -37,7 +35,7 @@ from moe_lora_jax.convert import resolve_hf_dir
 from moe_lora_jax.embedded import default_model_path
 from moe_lora_jax.generate import beam_search, generate
 from moe_lora_jax.tokenizer import load_tokenizer
-from benchlib import cpu_name
+from benchlib import alternating_times, benchmark_parser, cpu_name, emit, medians
 
 PROMPT = "Write a short story about a robot who learns to paint."
 ADAPTERS = {
@@ -86,11 +84,9 @@ def torch_runner(torch_model, ids, beams: int, new_tokens: int, pad_id: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__, rounds=3, tokens=False)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--out", default=None, help="write the results (markdown) here")
     args = parser.parse_args()
 
     path = default_model_path()
@@ -123,13 +119,7 @@ def main() -> None:
     stop = next((i for i, t in enumerate(ours) if t in config.eos_token_id), N)
     same_until_eos = f"{bool((ours[:stop] == theirs[:stop]).all())} (first {stop} tokens)"
 
-    times: dict[tuple[int, str], list[float]] = {k: [] for k in runners}
-    for r in range(args.rounds):
-        for key, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    med_all = medians(alternating_times(runners, args.rounds, progress=True)[0])
 
     lines = [
         f"# Decode speed, SmolLM2-135M-Instruct, batch 1, {N} new tokens, float32",
@@ -145,7 +135,7 @@ def main() -> None:
         "",
     ]
     for beams in args.beams:
-        med = {name: statistics.median(times[beams, name]) for b, name in runners if b == beams}
+        med = {name: med_all[b, name] for b, name in runners if b == beams}
         tps = {name: N / t for name, t in med.items()}
         lines += [
             f"## beams = {beams}",
@@ -163,11 +153,7 @@ def main() -> None:
             f"- JAX base / transformers = {tps['base'] / tps['transformers']:.3f} (target >= 1.0)",
             "",
         ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

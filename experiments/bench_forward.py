@@ -8,9 +8,7 @@ printed (and written with --out). Target: JAX / PyTorch <= 1.0.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import statistics
 import time
 
 import jax
@@ -22,16 +20,11 @@ import transformers
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama
 from moe_lora_jax.convert import resolve_hf_dir
 from moe_lora_jax.embedded import default_model_path
-from benchlib import cpu_name
+from benchlib import alternating_times, benchmark_parser, cpu_name, emit, medians
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--out", default=None, help="write the results table (markdown) here")
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__, rounds=10).parse_args()
 
     path = default_model_path()
     config, params = load_hf_llama(path)
@@ -54,13 +47,7 @@ def main() -> None:
     compile_s = time.perf_counter() - t0
     max_diff = float(np.abs(logits_jax - run_torch().numpy()).max())
 
-    times: dict[str, list[float]] = {"jax": [], "torch": []}
-    for _ in range(args.rounds):
-        for name, fn in (("jax", run_jax), ("torch", run_torch)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians(alternating_times({"jax": run_jax, "torch": run_torch}, args.rounds)[0])
     tokens = args.batch * args.length
     lines = [
         f"# Forward pass, SmolLM2-135M-Instruct, {args.batch}x{args.length} tokens, float32",
@@ -77,11 +64,7 @@ def main() -> None:
         "",
         f"**ratio JAX / PyTorch = {med['jax'] / med['torch']:.3f}** (target <= 1.0)",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ Target: ours at least 10x faster with the same alphas.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
-import statistics
 import time
 
 import numpy as np
@@ -23,7 +21,7 @@ import numpy as np
 from moe_lora_jax import load_hf_llama
 from moe_lora_jax.allocation import ALL_MODULES, HillOptions, analyze_matrices, target_matrices
 from moe_lora_jax.embedded import default_model_path
-from benchlib import cpu_name
+from benchlib import alternating_times, benchmark_parser, cpu_name, emit, medians
 
 
 def torch_net(matrices: dict, keys: list):
@@ -38,10 +36,7 @@ def torch_net(matrices: dict, keys: list):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=None, help="write the results (markdown) here")
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__, rounds=3, tokens=False).parse_args()
 
     import weightwatcher as ww
 
@@ -61,20 +56,14 @@ def main() -> None:
     t0 = time.perf_counter()
     ours()  # first call: includes jit compilation, reported separately
     first_call = time.perf_counter() - t0
-    times: dict[str, list[float]] = {"ours": [], "weightwatcher": []}
-    results = {}
-    for _ in range(args.rounds):
-        for name, fn in (("ours", ours), ("weightwatcher", theirs)):
-            t0 = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - t0)
+    times, results = alternating_times({"ours": ours, "weightwatcher": theirs}, args.rounds)
 
     fits, details = results["ours"], results["weightwatcher"]
     ww_alpha = details["alpha"].to_numpy()
     our_alpha = np.array([f.alpha for f in fits])
     both = (ww_alpha > 0) & np.isfinite(our_alpha)
     max_rel = float(np.max(np.abs(our_alpha[both] - ww_alpha[both]) / ww_alpha[both]))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians(times)
     lines = [
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"machine: {cpu_name()}, {os.cpu_count()} CPU cores visible, no GPU; jax backend cpu",
@@ -89,11 +78,7 @@ def main() -> None:
         f"speed-up (weightwatcher / ours): {med['weightwatcher'] / med['ours']:.1f}x",
         f"alphas compared: {int(both.sum())} of {len(keys)}; max relative difference: {max_rel:.2e}",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("# bench_spectral\n\n```\n" + text + "\n```\n")
+    emit("# bench_spectral\n\n```\n" + "\n".join(lines) + "\n```", args.out)
 
 
 if __name__ == "__main__":

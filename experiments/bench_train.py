@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_adapters import CONFIGS, random_adapter, torch_mola_model  # noqa: E402
-from benchlib import cpu_name  # noqa: E402
+from benchlib import alternating_times, benchmark_parser, cpu_name, emit, medians  # noqa: E402
 
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama  # noqa: E402
 from moe_lora_jax.convert import resolve_hf_dir  # noqa: E402
@@ -102,18 +101,14 @@ def vm_hwm_mib() -> float:
 
 
 def peak_rss_mib(framework: str, batch: int, length: int) -> float:
-    """Max RSS of a child process that runs 3 steps of one framework."""
+    """Peak resident memory (VmHWM) of a child process that runs 3 steps of one framework."""
     out = subprocess.run([sys.executable, __file__, "--only", framework, "--batch", str(batch), "--length", str(length)],
                          capture_output=True, text=True, check=True).stdout
     return float(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK_RSS_MIB")))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=None, help="write the results (markdown) here")
+    parser = benchmark_parser(__doc__, rounds=5)
     parser.add_argument("--only", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -132,13 +127,7 @@ def main() -> None:
     compile_s = time.perf_counter() - t0
     fns["torch"] = torch_stepper(path, adapter, ids_BxL)
     first["torch"] = fns["torch"]()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians(alternating_times(fns, args.rounds)[0])
     mem = {k: peak_rss_mib(k, args.batch, args.length) for k in fns}
     tokens = args.batch * args.length
     speedup = med["torch"] / med["jax"]
@@ -158,10 +147,7 @@ def main() -> None:
         "",
         f"**JAX throughput / PyTorch = {speedup:.2f}x** (target >= 2x: {'met' if speedup >= 2 else 'MISSED'})",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -149,9 +149,10 @@ def grouped_query_attention(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKx
     v_BxKxSxH = jnp.transpose(v_BxSxKxH, (0, 2, 1, 3))
     logits = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGLxH, k_BxKxSxH, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(1.0 / np.sqrt(H))  # the scale jax.nn.dot_product_attention uses
-    mask_Bx1xGLxS = jnp.tile(mask_Bx1xLxS, (1, 1, G, 1))
-    logits = jnp.where(mask_Bx1xGLxS, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxKxSxH.dtype)
+    S = logits.shape[-1]
+    logits_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], logits.reshape(B, K, G, L, S),
+                                 -0.7 * float(jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxKxSxH.dtype).reshape(B, K, G * L, S)
     out_BxKxGLxH = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxSxH)
     return jnp.transpose(out_BxKxGLxH.reshape(B, K, G, L, H), (0, 3, 1, 2, 4)).reshape(B, L, N, H)
 

@@ -133,6 +133,11 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
+    def _apply_update(operands):
+        adapter, opt_state, grads = operands
+        updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
+        return optax.apply_updates(adapter, updates), new_opt_state
+
     def train_step(state: TrainState, base_params: Any, batch: Batch):
         batch = dict(batch)
         n_total = response_tokens(batch)
@@ -174,11 +179,6 @@ def make_train_step(
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.applied_updates), jnp.float32)
         return new_state, metrics
-
-    def _apply_update(operands):
-        adapter, opt_state, grads = operands
-        updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
-        return optax.apply_updates(adapter, updates), new_opt_state
 
     return train_step
 
