@@ -193,3 +193,20 @@ def test_info_presets_lists_every_preset_with_its_values(capsys):
     data = json.loads(capsys.readouterr().out)
     assert set(data) == set(PRESETS) and data["mixlora"]["values"]["num_experts"] == 8
     assert set(data["loramoe"]["sources"]) == set(data["loramoe"]["values"])
+
+
+def test_checkpoint_written_before_the_new_fields_still_resumes(tmp_path):
+    from moe_lora_jax.train.checkpoint import CheckpointStore
+
+    for ac, same in ((AdapterConfig(method="molora", rank=4), True),
+                     (AdapterConfig(method="mov", mov_routing="token"), True),
+                     (AdapterConfig(method="mov"), False)):  # per-head vectors: not the old per-token tensors
+        old = ac.replace(mov_routing="token").to_dict() if ac.method == "mov" else ac.to_dict()
+        del old["mov_routing"], old["lora_init"]  # as the previous version wrote its metadata
+        store = CheckpointStore.__new__(CheckpointStore)
+        store.meta = {"adapter_config": ac.to_dict()}
+        if same:
+            store._check_identity({"adapter_config": old}, tmp_path)
+        else:
+            with pytest.raises(MoeLoraError, match="another adapter"):
+                store._check_identity({"adapter_config": old}, tmp_path)
