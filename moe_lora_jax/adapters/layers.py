@@ -128,7 +128,7 @@ def route(mdl: nn.Module, x: jax.Array, num_experts: int, cfg: AdapterConfig, ct
 # ------------------------------------------------------------------ linear-level adapters
 def lora_delta(mdl: nn.Module, x: jax.Array, out_features: int, axes: tuple[str, str], cfg: AdapterConfig,
                ctx: AdapterContext, dtype: Any) -> jax.Array:
-    """scale * dropout(x) @ A @ B with A [D, r] (kaiming-uniform) and B [r, O] (zeros)."""
+    """scale * dropout(x) @ A @ B with A [D, r] (`lora_a_init`: kaiming-uniform unless lora_init says normal) and B [r, O] (zeros)."""
     a = adapter_var(mdl, "lora_A", lora_a_init(cfg), (x.shape[-1], cfg.rank), (axes[0], "rank"))
     b = adapter_var(mdl, "lora_B", nn.initializers.zeros, (cfg.rank, out_features), ("rank", axes[1]))
     xd = dropout(mdl, x, cfg.dropout, ctx.deterministic)
