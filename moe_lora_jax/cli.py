@@ -30,6 +30,8 @@ def add_info_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a model's architecture and parameter counts")
     _add_model_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--presets", action="store_true",
+                   help="list the paper presets (adapter.preset: NAME) with each value's source, instead of a model")
     p.set_defaults(func=run_info)
 
 
@@ -40,6 +42,11 @@ def run_info(args: argparse.Namespace) -> int:
 
     from moe_lora_jax.embedded import DEFAULT_MODEL_NAME
 
+    if getattr(args, "presets", False):
+        from moe_lora_jax.adapters.presets import format_presets, presets_as_dict
+
+        print(json.dumps(presets_as_dict(), indent=2) if args.json else format_presets())
+        return 0
     path, config, params = _load(args.model)
     counts: dict[str, int] = {}
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):

@@ -23,17 +23,22 @@ MOV_MODULES = ("k", "v", "ffn")  # "ffn": the SwiGLU activation silu(gate) * up 
 POOLINGS = ("attention", "mean", "last", "max")
 SWITCH_FORMS = ("mola", "mixtral")
 ROUTER_INITS = ("kaiming", "normal")
+LORA_INITS = ("kaiming", "normal")  # LoRA A: torch nn.Linear's kaiming-uniform (PEFT) or normal(0.02) (MoV paper's code)
+MOV_ROUTINGS = ("head", "token")  # MoV on k/v: per attention head (reference MoVAttention) or once per token
 
 # Method defaults for the fields that are `None` in a user's config.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": dict(target_modules=LINEAR_MODULES, router_init="kaiming", switch_coef=0.0, switch_form="mola"),
-    "molora": dict(target_modules=LINEAR_MODULES, router_init="kaiming", switch_coef=0.0, switch_form="mola"),
+    # for-ai/parameter-efficient-moe configs/molora.gin: router and A normal(stddev=2e-2) (src/molora.py), B zeros
+    "molora": dict(target_modules=LINEAR_MODULES, router_init="normal", switch_coef=0.0, switch_form="mola", lora_init="normal"),
     "mov": dict(target_modules=MOV_MODULES, router_init="normal", switch_coef=0.0, switch_form="mola"),
     "mola": dict(target_modules=LINEAR_MODULES, router_init="kaiming", switch_coef=1e-3, switch_form="mola"),
     "loramoe": dict(target_modules=FFN_MODULES, router_init="kaiming", switch_coef=0.0, switch_form="mola"),
     "mixlora": dict(target_modules=LINEAR_MODULES, router_init="normal", switch_coef=1e-3, switch_form="mixtral"),
     "milora": dict(target_modules=LINEAR_MODULES, router_init="normal", switch_coef=0.0, switch_form="mola"),
 }
+for _defaults in METHOD_DEFAULTS.values():
+    _defaults.setdefault("lora_init", "kaiming")  # PEFT's A init, which MoLA, LoRAMoE and MixLoRA's code keep
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ class AdapterConfig:
       switch_coef, switch_form: Switch aux coefficient and form ("mola": per layer, summed; "mixtral": global).
       importance_coef: Shazeer importance CV^2; z_loss_coef: ST-MoE router z-loss;
       loramoe_coef: LoRAMoE localized constraint; milora_coef: MiLoRA prompt-level balance.
+      mov_routing: MoV on k/v: "head" (a router [head_dim, E] shared by the heads, applied to each head's
+        slice, vectors [heads, E, head_dim], as the reference's MoVAttention) or "token" (one route per token).
+      lora_init: LoRA A initialiser, "kaiming" (uniform +-1/sqrt(fan_in)) or "normal" (std 0.02). None: method default.
     """
 
     method: str = "lora"
@@ -80,6 +88,8 @@ class AdapterConfig:
     z_loss_coef: float = 0.0
     loramoe_coef: float = 0.1
     milora_coef: float = 1e-2
+    mov_routing: str = "head"
+    lora_init: str | None = None
 
     def __post_init__(self) -> None:
         if self.target_modules is not None and not isinstance(self.target_modules, tuple):
@@ -110,6 +120,10 @@ class AdapterConfig:
             raise MoeLoraError(f"switch_form={self.switch_form!r}: use one of {', '.join(SWITCH_FORMS)}")
         if self.method == "loramoe" and self.num_experts % 2:
             raise MoeLoraError(f"LoRAMoE splits its experts in two groups: num_experts={self.num_experts} must be even")
+        if self.mov_routing not in MOV_ROUTINGS:
+            raise MoeLoraError(f"mov_routing={self.mov_routing!r}: use one of {', '.join(MOV_ROUTINGS)}")
+        if self.lora_init is not None and self.lora_init not in LORA_INITS:
+            raise MoeLoraError(f"lora_init={self.lora_init!r}: use one of {', '.join(LORA_INITS)}")
         if self.method == "milora" and self.top_k > len(self.targets):
             raise MoeLoraError(
                 f"top_k={self.top_k} is larger than the {len(self.targets)} LoRA modules per layer that MiLoRA routes between"
@@ -128,6 +142,10 @@ class AdapterConfig:
     @property
     def resolved_router_init(self) -> str:
         return self.router_init or METHOD_DEFAULTS[self.method]["router_init"]
+
+    @property
+    def resolved_lora_init(self) -> str:
+        return self.lora_init or METHOD_DEFAULTS[self.method]["lora_init"]
 
     @property
     def resolved_switch_coef(self) -> float:
@@ -206,6 +224,8 @@ class AdapterConfig:
         if unknown:
             raise MoeLoraError(f"adapter config has unknown fields {unknown}: it was written by another version")
         kw = dict(d)
+        if kw.get("method") == "mov" and "mov_routing" not in kw:
+            kw["mov_routing"] = "token"  # written before per-head routing: its vectors are [E, O]
         if kw.get("target_modules") is not None:
             kw["target_modules"] = tuple(kw["target_modules"])
         if kw.get("allocation") is not None:

@@ -71,6 +71,16 @@ def router_init(cfg: AdapterConfig):
     return nn.initializers.normal(stddev=cfg.router_init_range)
 
 
+LORA_NORMAL_STD = 0.02  # for-ai/parameter-efficient-moe src/molora.py: lora_init_A = normal(stddev=2e-2)
+
+
+def lora_a_init(cfg: AdapterConfig):
+    """LoRA A's initialiser: kaiming-uniform (PEFT, MoLA, LoRAMoE, MixLoRA) or normal(0.02) (MoLoRA's reference)."""
+    if cfg.resolved_lora_init == "normal":
+        return nn.initializers.normal(stddev=LORA_NORMAL_STD)
+    return fan_in_uniform
+
+
 def adapter_var(mdl: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> jax.Array:
     """A float32 weight in the `adapter` collection of `mdl`, with logical axis names."""
     boxed = nn.with_logical_partitioning(init, axes)
@@ -118,8 +128,8 @@ def route(mdl: nn.Module, x: jax.Array, num_experts: int, cfg: AdapterConfig, ct
 # ------------------------------------------------------------------ linear-level adapters
 def lora_delta(mdl: nn.Module, x: jax.Array, out_features: int, axes: tuple[str, str], cfg: AdapterConfig,
                ctx: AdapterContext, dtype: Any) -> jax.Array:
-    """scale * dropout(x) @ A @ B with A [D, r] (kaiming-uniform) and B [r, O] (zeros)."""
-    a = adapter_var(mdl, "lora_A", fan_in_uniform, (x.shape[-1], cfg.rank), (axes[0], "rank"))
+    """scale * dropout(x) @ A @ B with A [D, r] (`lora_a_init`: kaiming-uniform unless lora_init says normal) and B [r, O] (zeros)."""
+    a = adapter_var(mdl, "lora_A", lora_a_init(cfg), (x.shape[-1], cfg.rank), (axes[0], "rank"))
     b = adapter_var(mdl, "lora_B", nn.initializers.zeros, (cfg.rank, out_features), ("rank", axes[1]))
     xd = dropout(mdl, x, cfg.dropout, ctx.deterministic)
     h = jnp.dot(xd, a.astype(dtype))
@@ -134,7 +144,7 @@ def expert_bank_delta(mdl: nn.Module, x: jax.Array, out_features: int, axes: tup
     scaled by its gate (zero where the expert is not selected), the second contracts E*r.
     """
     E, r = num_experts, cfg.rank
-    a = adapter_var(mdl, "lora_A", fan_in_uniform, (E, x.shape[-1], r), ("expert", axes[0], "rank"))
+    a = adapter_var(mdl, "lora_A", lora_a_init(cfg), (E, x.shape[-1], r), ("expert", axes[0], "rank"))
     b = adapter_var(mdl, "lora_B", nn.initializers.zeros, (E, r, out_features), ("expert", "rank", axes[1]))
     gates = route(mdl, x, E, cfg, ctx, top_k)
     xd = dropout(mdl, x, cfg.dropout, ctx.deterministic)
@@ -150,6 +160,27 @@ def ia3_mixture(mdl: nn.Module, y: jax.Array, axis: str, num_experts: int, cfg: 
     gates = route(mdl, y, num_experts, cfg, ctx, None)
     scale = jnp.dot(gates, v, precision=jax.lax.Precision.HIGHEST)
     return y * scale.astype(y.dtype)
+
+
+def ia3_head_mixture(mdl: nn.Module, y: jax.Array, num_heads: int, num_experts: int, cfg: AdapterConfig,
+                     ctx: AdapterContext) -> jax.Array:
+    """MoV per attention head, as the reference's MoVAttention: y [..., K*H] is read as K heads of H;
+    one router W [H, E] (shared by the heads) routes each head's slice, and head k's scale is
+    softmax(y_k @ W) @ V_k with vectors V [K, E, H] initialised to ones."""
+    K, E = num_heads, num_experts
+    H = y.shape[-1] // K
+    y_KxH = y.reshape(*y.shape[:-1], K, H)
+    v = adapter_var(mdl, "ia3", nn.initializers.ones, (K, E, H), (None, "expert", None))
+    w = adapter_var(mdl, "router", router_init(cfg), (H, E), (None, "expert"))
+    x32 = jitter(mdl, y_KxH.astype(jnp.float32), cfg.router_jitter, ctx.deterministic)
+    logits = jnp.einsum("...kh,he->...ke", x32, w, precision=jax.lax.Precision.HIGHEST)
+    gates = jax.nn.softmax(logits, axis=-1)
+    # heads first, so the statistics read as [K, B, L, E]: K routers' worth of token rows, and a [B, L]
+    # token mask broadcasts against their leading dims
+    mdl.sow("intermediates", "router_logits", jnp.moveaxis(logits, -2, 0))
+    mdl.sow("intermediates", "router_gates", jnp.moveaxis(gates, -2, 0))
+    scale = jnp.einsum("...ke,keh->...kh", gates, v, precision=jax.lax.Precision.HIGHEST)
+    return (y_KxH * scale.astype(y.dtype)).reshape(y.shape)
 
 
 # ------------------------------------------------------------------ MixLoRA FFN

@@ -91,6 +91,7 @@ class TargetLinear(nn.Module):
     param_dtype: Any = jnp.float32
     adapter_config: AdapterConfig | None = None
     num_experts: int = 0  # experts of this linear in this layer (expert methods)
+    num_heads: int = 0  # MoV per-head routing on k/v: the output is read as this many heads
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: AdapterContext | None = None) -> jax.Array:
@@ -107,6 +108,8 @@ class TargetLinear(nn.Module):
         ctx = AdapterContext() if ctx is None else ctx
         args = (self, x, self.features, self.kernel_axes)
         method = ac.method
+        if method == "mov" and self.num_heads:
+            return adapter_layers.ia3_head_mixture(self, y, self.num_heads, self.num_experts, ac, ctx)
         if method == "mov":
             return adapter_layers.ia3_mixture(self, y, self.kernel_axes[1], self.num_experts, ac, ctx)
         if method in ("lora", "mixlora"):
@@ -129,6 +132,8 @@ def _linear_kwargs(cfg: LlamaConfig, ac: AdapterConfig | None, layer: int, targe
         kw["adapter_config"] = ac
         if ac.routed and target in ac.targets and ac.method not in ("milora", "mixlora"):
             kw["num_experts"] = ac.expert_counts(target, cfg.num_hidden_layers)[layer]
+        if ac.method == "mov" and ac.mov_routing == "head" and target in ("k", "v") and target in ac.targets:
+            kw["num_heads"] = cfg.num_key_value_heads
     return kw
 
 

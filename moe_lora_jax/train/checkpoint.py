@@ -126,7 +126,9 @@ class CheckpointStore:
 
     def _check_identity(self, meta: Mapping[str, Any], where: Path) -> None:
         for key in IDENTITY_KEYS:
-            if key in self.meta and key in meta and _canonical(meta[key]) != _canonical(self.meta[key]):
+            if key in self.meta and key in meta and _canonical(_identity_value(key, meta[key])) != _canonical(
+                _identity_value(key, self.meta[key])
+            ):
                 what = "base model" if key == "base_fingerprint" else "adapter (method, sizes or Allocation)"
                 raise MoeLoraError(
                     f"checkpoint {where} was written with another {what} than this run's: "
@@ -156,3 +158,16 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _identity_value(key: str, value: Any) -> Any:
+    """An adapter config read back through AdapterConfig, so fields added since the checkpoint was
+    written take the values such a checkpoint means (the run stays resumable across versions)."""
+    if key != "adapter_config" or not isinstance(value, Mapping):
+        return value
+    from moe_lora_jax.adapters.config import AdapterConfig
+
+    try:
+        return AdapterConfig.from_dict(value).to_dict()
+    except Exception:  # noqa: BLE001 - not readable as an AdapterConfig: compare the raw values
+        return value

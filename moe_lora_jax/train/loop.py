@@ -96,8 +96,9 @@ def resolve_allocation(spec: Any, params: Any, num_layers: int, *, progress: boo
 
 def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, *, progress: bool = False) -> Any:
     from moe_lora_jax.adapters import AdapterConfig
+    from moe_lora_jax.adapters.presets import apply_preset
 
-    raw = dict(raw)
+    raw = apply_preset(raw, model_config.num_hidden_layers)  # `preset: NAME` -> its values; explicit keys win
     if raw.get("allocation") is not None:
         raw["allocation"] = resolve_allocation(raw["allocation"], params, model_config.num_hidden_layers, progress=progress)
     names = {f.name for f in dataclasses.fields(AdapterConfig)}
