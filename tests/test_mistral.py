@@ -62,7 +62,8 @@ def test_mistral_greedy_past_the_window_matches_transformers_generate(mistral):
     import torch
 
     _, config, params, torch_model = mistral
-    ids, mask = _left_padded(config.vocab_size, (6, 3, 5), seed=1)  # prompt 6, and a left-padded batch
+    # prompts of 12 (longer than the window: the prefill slides too), 6 and 3 tokens, left-padded to 12
+    ids, mask = _left_padded(config.vocab_size, (12, 6, 3), seed=1)
     ours = np.asarray(greedy_generate(LlamaForCausalLM(config), {"params": params}, jnp.asarray(ids), jnp.asarray(mask),
                                       max_new_tokens=20, pad_token_id=0))
     with torch.no_grad():
