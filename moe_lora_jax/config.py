@@ -17,6 +17,8 @@ from moe_lora_jax.errors import MoeLoraError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' MistralConfig default, applied when a Mistral config.json has no `sliding_window` key
+MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -62,6 +64,10 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # "mistral" converts back out as MistralForCausalLM. `sliding_window` W (Mistral only; None = full
+    # causal attention): the query in slot i sees the keys in slots i-W+1 .. i (transformers' rule).
+    model_type: str = "llama"
+    sliding_window: int | None = None
     # Dtype policy: parameters are stored in `param_dtype`, matmuls run in `dtype`;
     # RMSNorm statistics, RoPE tables and softmax are always float32.
     dtype: str = "float32"
@@ -81,6 +87,18 @@ class LlamaConfig:
             raise MoeLoraError(
                 f"rope scaling type {self.rope_scaling.rope_type!r} is not supported: use one of {SUPPORTED_ROPE_TYPES}"
             )
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise MoeLoraError(f"LlamaConfig.model_type={self.model_type!r} is not supported: use one of {SUPPORTED_MODEL_TYPES}")
+        if self.sliding_window is not None:
+            if self.model_type != "mistral":
+                raise MoeLoraError(
+                    f"LlamaConfig.sliding_window={self.sliding_window} needs model_type='mistral' "
+                    "(LlamaForCausalLM has no sliding window): set model_type='mistral' or sliding_window=None"
+                )
+            if isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1:
+                raise MoeLoraError(
+                    f"LlamaConfig.sliding_window={self.sliding_window!r} is not a window: use a positive integer, or None for none"
+                )
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -127,6 +145,8 @@ class LlamaConfig:
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),)),
                 pad_token_id=hf.get("pad_token_id"),
+                model_type=hf.get("model_type", "llama"),
+                sliding_window=_sliding_window(hf),
             )
         except KeyError as e:
             raise MoeLoraError(f"{source} lacks the field {e.args[0]!r}: it is not a complete LLaMA config") from None
@@ -134,9 +154,10 @@ class LlamaConfig:
         return cls(**kwargs)
 
     def to_hf(self) -> dict[str, Any]:
-        """A `config.json` dict that transformers' LlamaForCausalLM loads (v4 and v5 keys)."""
+        """A `config.json` dict that transformers' LlamaForCausalLM (MistralForCausalLM for
+        model_type 'mistral') loads (v4 and v5 keys)."""
         eos = list(self.eos_token_id)
-        return {
+        out = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "vocab_size": self.vocab_size,
@@ -159,6 +180,9 @@ class LlamaConfig:
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.param_dtype,
         }
+        if self.model_type == "mistral":  # sliding_window None is written as null: no window, not the 4096 default
+            out.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=self.sliding_window)
+        return out
 
 
 def _check_supported(hf: Mapping[str, Any], source: str) -> None:
@@ -167,8 +191,13 @@ def _check_supported(hf: Mapping[str, Any], source: str) -> None:
     problems = []
     if model_type not in SUPPORTED_MODEL_TYPES:
         problems.append(f"model_type={model_type!r} (only {', '.join(SUPPORTED_MODEL_TYPES)} are supported)")
-    if hf.get("sliding_window") not in (None, 0) and hf.get("use_sliding_window", True):
-        problems.append(f"sliding_window={hf['sliding_window']} (sliding-window attention)")
+    if model_type == "mistral":
+        problems += _mistral_window_problems(hf)
+    elif hf.get("sliding_window") not in (None, 0) and hf.get("use_sliding_window", True):
+        problems.append(
+            f"sliding_window={hf['sliding_window']} with model_type={model_type!r} (sliding-window attention: "
+            "transformers' LlamaForCausalLM would ignore it; set model_type to 'mistral' if the model was trained with it)"
+        )
     for key in ("num_local_experts", "num_experts", "n_routed_experts"):
         if hf.get(key):
             problems.append(f"{key}={hf[key]} (a mixture-of-experts base model)")
@@ -182,4 +211,44 @@ def _check_supported(hf: Mapping[str, Any], source: str) -> None:
     if rope_type not in SUPPORTED_ROPE_TYPES:
         problems.append(f"rope scaling type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if problems:
-        raise MoeLoraError(f"{source}: unsupported architecture: {problems[0]}; convert a plain LLaMA checkpoint instead")
+        raise MoeLoraError(f"{source}: unsupported architecture: {problems[0]}; convert a plain LLaMA or Mistral checkpoint instead")
+
+
+def _sliding_window(hf: Mapping[str, Any]) -> int | None:
+    """The window transformers applies: Mistral's (4096 when the key is absent, null = none); never LLaMA's."""
+    if hf.get("model_type", "llama") != "mistral":
+        return None
+    window = hf.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
+    return None if window is None else int(window)
+
+
+def _mistral_window_problems(hf: Mapping[str, Any]) -> list[str]:
+    """What a Mistral config says about its window that transformers' MistralForCausalLM would not do.
+
+    MistralForCausalLM applies `sliding_window` to every layer and ignores Qwen2's
+    `use_sliding_window` / `max_window_layers` and per-layer `layer_types`; a config whose
+    fields ask for something else is refused rather than silently given a different model.
+    """
+    window = hf.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        return [f"sliding_window={window!r} (use a positive integer, or null for no window)"]
+    if window is None:
+        return []
+    problems = []
+    if hf.get("use_sliding_window") is False:
+        problems.append(
+            f"use_sliding_window=false with sliding_window={window} (MistralForCausalLM ignores use_sliding_window "
+            "and applies the window; set sliding_window to null for full attention)"
+        )
+    if hf.get("max_window_layers") not in (None, 0):
+        problems.append(
+            f"max_window_layers={hf['max_window_layers']} (a Qwen2 field: only some layers sliding is not supported, "
+            "MistralForCausalLM slides every layer; remove the field, or set sliding_window to null)"
+        )
+    layer_types = hf.get("layer_types") or []
+    if any(kind != "sliding_attention" for kind in layer_types):
+        problems.append(
+            f"layer_types with {sorted(set(layer_types) - {'sliding_attention'})} (alternating full and sliding layers "
+            "is not supported; MistralForCausalLM slides every layer)"
+        )
+    return problems

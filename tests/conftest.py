@@ -11,9 +11,17 @@ import pytest
 
 
 def make_hf_llama(tmp_dir, seed: int = 0, dtype: str = "float32", max_shard_size: str | None = None, **overrides):
-    """Build a random transformers LlamaForCausalLM, save it under tmp_dir, return (dir, torch model)."""
+    """Build a random transformers LlamaForCausalLM, save it under tmp_dir, return (dir, torch model).
+
+    `model_type="mistral"` (with `sliding_window=W`) builds a MistralForCausalLM instead."""
     import torch
     import transformers
+
+    model_type = overrides.pop("model_type", "llama")
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[model_type]
 
     kwargs = dict(
         vocab_size=97,
@@ -33,8 +41,8 @@ def make_hf_llama(tmp_dir, seed: int = 0, dtype: str = "float32", max_shard_size
     )
     kwargs.update(overrides)
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**kwargs)
-    model = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
+    config = config_cls(**kwargs)
+    model = model_cls(config).to(getattr(torch, dtype)).eval()
     with torch.no_grad():  # transformers initialises norms to 1: randomise them so they are tested too
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

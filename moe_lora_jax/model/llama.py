@@ -316,6 +316,8 @@ class LlamaForCausalLM(nn.Module):
         q_slot_L = start + jnp.arange(L)
         k_slot_S = jnp.arange(kv_mask_BxS.shape[1])
         causal_LxS = k_slot_S[None, :] <= q_slot_L[:, None]
+        if cfg.sliding_window is not None:  # Mistral: also keys in slots > i - W (transformers counts slots, pads included)
+            causal_LxS = causal_LxS & (k_slot_S[None, :] > q_slot_L[:, None] - cfg.sliding_window)
         mask_Bx1xLxS = (causal_LxS[None, :, :] & kv_mask_BxS[:, None, :])[:, None]
 
         embed = nn.Embed(
