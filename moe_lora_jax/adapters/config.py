@@ -22,6 +22,8 @@ FFN_MODULES = ("gate", "up", "down")
 MOV_MODULES = ("k", "v", "ffn")  # "ffn": the SwiGLU activation silu(gate) * up that feeds down_proj
 POOLINGS = ("attention", "mean", "last", "max")
 SWITCH_FORMS = ("mola", "mixtral")
+LORAMOE_FORMS = ("code", "paper")  # code: CV^2 = var/mean^2 (the authors' code); paper: var/mean (the paper's equation)
+CONTRASTIVE_METHODS = ("molora", "mola", "loramoe", "mixlora")  # methods whose experts are LoRA experts
 ROUTER_INITS = ("kaiming", "normal")
 
 # Method defaults for the fields that are `None` in a user's config.
@@ -56,6 +58,10 @@ class AdapterConfig:
       switch_coef, switch_form: Switch aux coefficient and form ("mola": per layer, summed; "mixtral": global).
       importance_coef: Shazeer importance CV^2; z_loss_coef: ST-MoE router z-loss;
       loramoe_coef: LoRAMoE localized constraint; milora_coef: MiLoRA prompt-level balance.
+      contrastive_coef, contrastive_temperature: the contrastive expert loss (molora, mola, loramoe, mixlora;
+        0 = off, and then no expert outputs are computed) and its InfoNCE temperature.
+      loramoe_form: the localized constraint as "code" (var/mean^2, LoRAMoE's code; default) or "paper"
+        (var/mean, the paper's equation): they differ by the factor mean(I * Q), so each needs its own loramoe_coef.
     """
 
     method: str = "lora"
@@ -80,6 +86,9 @@ class AdapterConfig:
     z_loss_coef: float = 0.0
     loramoe_coef: float = 0.1
     milora_coef: float = 1e-2
+    contrastive_coef: float = 0.0
+    contrastive_temperature: float = 0.07
+    loramoe_form: str = "code"
 
     def __post_init__(self) -> None:
         if self.target_modules is not None and not isinstance(self.target_modules, tuple):
@@ -114,6 +123,20 @@ class AdapterConfig:
             raise MoeLoraError(
                 f"top_k={self.top_k} is larger than the {len(self.targets)} LoRA modules per layer that MiLoRA routes between"
             )
+        self._check_contrastive_and_loramoe_form()
+
+    def _check_contrastive_and_loramoe_form(self) -> None:
+        if self.contrastive_coef < 0:
+            raise MoeLoraError(f"contrastive_coef={self.contrastive_coef} must be >= 0 (0 turns the contrastive expert loss off)")
+        if self.contrastive_coef and self.method not in CONTRASTIVE_METHODS:
+            raise MoeLoraError(
+                f"contrastive_coef={self.contrastive_coef} does not apply to method {self.method}: the contrastive expert "
+                f"loss needs LoRA experts ({', '.join(CONTRASTIVE_METHODS)}); set contrastive_coef=0"
+            )
+        if not self.contrastive_temperature > 0:
+            raise MoeLoraError(f"contrastive_temperature={self.contrastive_temperature} must be positive (e.g. 0.07)")
+        if self.loramoe_form not in LORAMOE_FORMS:
+            raise MoeLoraError(f"loramoe_form={self.loramoe_form!r}: use one of {', '.join(LORAMOE_FORMS)}")
 
     # ------------------------------------------------------------ resolved values
     @property
