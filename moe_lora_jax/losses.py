@@ -5,7 +5,9 @@ Router statistics come from the model's `intermediates` collection
 `router_logits` [B, L, E] and `router_gates` [B, L, E] (MixLoRA: one per FFN, under
 `mlp`), MiLoRA sows `milora_logits` [B, M] per layer. `router_stats` flattens that tree
 into a list of `RouterStat`; the balance terms are functions of that list and a token
-mask, so any of them can be swapped by editing one function.
+mask, so any of them can be swapped by editing one function. With contrastive_coef > 0
+the expert banks also sow `expert_gram` [B, L, E, E] (inner products of the experts'
+outputs), read by `expert_stats` for the contrastive expert loss.
 """
 
 from __future__ import annotations
@@ -291,6 +293,7 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
 
     batch: input_ids [B, L]; attention_mask [B, L] (optional; masks routers' padding tokens);
     loss_mask [B, L] (optional; defaults to attention_mask); task_types [B] (LoRAMoE).
+    The contrastive expert loss (contrastive_coef > 0) reads `expert_gram` from the intermediates.
     """
     input_ids = batch["input_ids"]
     attn = batch.get("attention_mask")

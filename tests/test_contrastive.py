@@ -155,6 +155,9 @@ def test_gradient_reaches_every_expert_and_the_output_is_unchanged(base, method)
         logits0 = LlamaForCausalLM(config, ac0).apply({"params": params, "adapter": ad}, ids, mask)
         return value, grads, logits, logits0
 
+    # at initialisation (every B = 0) every expert output is zero: no expert takes part, value and gradient 0
+    value0, grads0, _, _ = run(init_adapter(config, ac0))
+    assert float(value0) == 0.0 and all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads0))
     value, grads, logits, logits0 = run(adapter)
     assert np.isfinite(float(value)) and float(value) > 0.1
     # the forward pass is the same function with the loss on (MixLoRA computes it from every expert's output)

@@ -59,7 +59,8 @@ class AdapterConfig:
       importance_coef: Shazeer importance CV^2; z_loss_coef: ST-MoE router z-loss;
       loramoe_coef: LoRAMoE localized constraint; milora_coef: MiLoRA prompt-level balance.
       contrastive_coef, contrastive_temperature: the contrastive expert loss (molora, mola, loramoe, mixlora;
-        0 = off, and then no expert outputs are computed) and its InfoNCE temperature.
+        0 = off, and then no expert outputs are computed) and its InfoNCE temperature; for the dense
+        routers (molora, loramoe) the loss counts a token's `top_k` largest gates as its routed experts.
       loramoe_form: the localized constraint as "code" (var/mean^2, LoRAMoE's code; default) or "paper"
         (var/mean, the paper's equation): they differ by the factor mean(I * Q), so each needs its own loramoe_coef.
     """
