@@ -278,11 +278,14 @@ def contrastive_expert_terms(gram_TxExE: jax.Array, gates_TxE: jax.Array, top_k:
 
 def contrastive_expert_loss(stats: list[ExpertStat], top_k: int | None, temperature: float,
                             mask_BxL: jax.Array | None = None):
-    """`contrastive_expert_terms` of every expert bank (padding tokens masked), summed over banks."""
+    """`contrastive_expert_terms` of every expert bank (padding tokens masked), averaged over banks: an
+    InfoNCE value is O(log E) per bank, and the mean keeps a coefficient's meaning across model depths
+    (a sum over SmolLM2's 210 linears would be ~200x a 1-layer model's)."""
     total = jnp.zeros((), jnp.float32)
     for s in stats:
         w = _token_weights(s.gates, mask_BxL)
         total = total + contrastive_expert_terms(s.gram, s.gates, top_k, temperature, w)
+    total = total / max(len(stats), 1)
     return total, {"contrastive": total}
 
 

@@ -207,17 +207,20 @@ def test_total_loss_adds_the_weighted_term():
     mask = jnp.asarray(_mask())
     gram = gram_of_outputs(jnp.asarray(rng.normal(size=(B, L, E, 6)).astype(np.float32)))
     gates = jax.nn.softmax(jnp.asarray(rng.normal(size=(B, L, E)).astype(np.float32)), -1)
-    inter = {"intermediates": {"layers_0": {"mlp": {"up_proj": {
-        "router_logits": (jnp.log(gates),), "router_gates": (gates,), "expert_gram": (gram,)}}}}}
+    gram2 = gram_of_outputs(jnp.asarray(rng.normal(size=(B, L, E, 6)).astype(np.float32)))
+    inter = {"intermediates": {"layers_0": {"mlp": {
+        "up_proj": {"router_logits": (jnp.log(gates),), "router_gates": (gates,), "expert_gram": (gram,)},
+        "down_proj": {"router_logits": (jnp.log(gates),), "router_gates": (gates,), "expert_gram": (gram2,)}}}}}
     ac = AdapterConfig(method="molora", num_experts=E, top_k=2, contrastive_coef=0.3, contrastive_temperature=0.2)
     loss, metrics = jax.jit(total_loss, static_argnums=3)(logits, {"input_ids": ids, "attention_mask": mask}, inter, ac)
-    term = terms(gram, gates, 2, 0.2, mask)
+    term = (terms(gram, gates, 2, 0.2, mask) + terms(gram2, gates, 2, 0.2, mask)) / 2  # the mean over banks
     _, metrics_off = jax.jit(total_loss, static_argnums=3)(logits, {"input_ids": ids, "attention_mask": mask}, inter,
                                                            ac.replace(contrastive_coef=0.0))
     assert "contrastive" not in metrics_off
     assert float(metrics["contrastive"]) == pytest.approx(float(term), rel=1e-6)
     assert float(loss) == pytest.approx(float(cross_entropy(logits, ids, mask)[0] + 0.3 * term), rel=1e-6)
-    del inter["intermediates"]["layers_0"]["mlp"]["up_proj"]["expert_gram"]
+    for m in ("up_proj", "down_proj"):
+        del inter["intermediates"]["layers_0"]["mlp"][m]["expert_gram"]
     with pytest.raises(MoeLoraError, match="no expert_gram"):
         total_loss(logits, {"input_ids": ids, "attention_mask": mask}, inter, ac)
 
