@@ -5,7 +5,9 @@ Router statistics come from the model's `intermediates` collection
 `router_logits` [B, L, E] and `router_gates` [B, L, E] (MixLoRA: one per FFN, under
 `mlp`), MiLoRA sows `milora_logits` [B, M] per layer. `router_stats` flattens that tree
 into a list of `RouterStat`; the balance terms are functions of that list and a token
-mask, so any of them can be swapped by editing one function.
+mask, so any of them can be swapped by editing one function. With contrastive_coef > 0
+the expert banks also sow `expert_gram` [B, L, E, E] (inner products of the experts'
+outputs), read by `expert_stats` for the contrastive expert loss.
 """
 
 from __future__ import annotations
@@ -153,11 +155,16 @@ def router_z_loss(stats: list[RouterStat], mask_BxL: jax.Array | None = None):
 
 
 def loramoe_localized(stats: list[RouterStat], task_types_B: jax.Array, delta: float,
-                      mask_BxL: jax.Array | None = None):
-    """LoRAMoE's localized balancing constraint, summed over routers: CV^2 (unbiased variance, as
-    the reference) of I * Q, where Q [B, E] sums each example's gates over its tokens and I is
-    1+delta on the expert group matching the example's task type (type 1: first half of the
-    experts, type 0: second half) and 1-delta on the other group."""
+                      mask_BxL: jax.Array | None = None, form: str = "code"):
+    """LoRAMoE's localized balancing constraint, summed over routers, of Z = I * Q, where Q [B, E] sums
+    each example's gates over its tokens and I is 1+delta on the expert group matching the example's
+    task type (type 1: first half of the experts, type 0: second half) and 1-delta on the other group.
+
+    form="code": CV^2 = var(Z) / mean(Z)^2, as the authors' code (the default).
+    form="paper": var(Z) / mean(Z), the paper's equation. Both use the unbiased variance, so the two
+    differ by exactly the factor mean(Z) (about the tokens per example over E/2: large)."""
+    if form not in ("code", "paper"):
+        raise MoeLoraError(f"loramoe form {form!r}: use code (var/mean^2) or paper (var/mean)")
     total = jnp.zeros((), jnp.float32)
     t = task_types_B.reshape(-1, 1)
     for s in stats:
@@ -170,7 +177,11 @@ def loramoe_localized(stats: list[RouterStat], task_types_B: jax.Array, delta: f
         first = jnp.arange(E) < E // 2
         match = jnp.where(t == 1, first[None, :], ~first[None, :])
         importance = jnp.where(match, 1.0 + delta, 1.0 - delta)
-        total = total + cv_squared(importance * q, ddof=1)
+        z = (importance * q).reshape(-1)
+        if form == "paper":
+            total = total + jnp.var(z, ddof=1) / (jnp.mean(z) + _EPS)
+        else:
+            total = total + cv_squared(z, ddof=1)
     return total, {"loramoe_blc": total}
 
 
@@ -186,6 +197,98 @@ def milora_prompt_balance(stats: list[RouterStat]):
     return total, {"milora_balance": total}
 
 
+# ------------------------------------------------------------------ contrastive expert loss
+@dataclass(frozen=True)
+class ExpertStat:
+    """One routed expert bank: layer, module, the Gram matrix of its experts' ungated outputs [..., E, E]
+    (`expert_gram`, sown only when contrastive_coef > 0) and its router's gates [..., E]."""
+
+    layer: int
+    module: str
+    gram: jax.Array
+    gates: jax.Array
+
+
+def expert_stats(intermediates: Mapping[str, Any]) -> list[ExpertStat]:
+    """Every module that sowed both `expert_gram` and `router_gates`, in layer order."""
+    flat = traverse_util.flatten_dict(dict(_intermediates(intermediates)))
+    found: dict[tuple, dict[str, jax.Array]] = {}
+    for path, value in flat.items():
+        if path[-1] in ("expert_gram", "router_gates"):
+            arr = value[0] if isinstance(value, tuple) and len(value) == 1 else (
+                jnp.concatenate(value, axis=0) if isinstance(value, tuple) else value
+            )
+            found.setdefault(path[:-1], {})[path[-1]] = arr
+    out = []
+    for path, d in found.items():
+        if "expert_gram" not in d or "router_gates" not in d:
+            continue
+        layer = next((int(m.group(1)) for p in path if (m := re.fullmatch(r"layers_(\d+)", str(p)))), -1)
+        out.append(ExpertStat(layer, str(path[-1]) if path else "", d["expert_gram"], d["router_gates"]))
+    return sorted(out, key=lambda s: (s.layer, s.module))
+
+
+def gram_of_outputs(outputs_TxExO: jax.Array) -> jax.Array:
+    """<o_e, o_f> of explicit per-expert outputs [..., E, O] -> [..., E, E] (the model sows the same
+    Gram matrix without materialising the outputs)."""
+    o = outputs_TxExO.astype(jnp.float32)
+    return jnp.einsum("...eo,...fo->...ef", o, o, precision=jax.lax.Precision.HIGHEST)
+
+
+def cosine_from_gram(gram_TxExE: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Cosine similarities of the experts' outputs, each output normalised as o / max(||o||, eps)
+    (torch.nn.functional.normalize): an all-zero output (B = 0 at init) has similarity 0 to everything."""
+    g = gram_TxExE.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.maximum(jnp.diagonal(g, axis1=-2, axis2=-1), eps * eps))  # [..., E]
+    return g * inv[..., :, None] * inv[..., None, :]
+
+
+def contrastive_expert_terms(gram_TxExE: jax.Array, gates_TxE: jax.Array, top_k: int | None, temperature: float,
+                             weights_T: jax.Array | None = None, eps: float = 1e-8) -> jax.Array:
+    """The contrastive expert loss of one expert bank: a weighted mean over tokens of
+
+        L_t = 1/|P_t| sum_{(i, j) in P_t} -log( exp(c_ij / tau) / (exp(c_ij / tau) + sum_{u in U_t} exp(c_iu / tau)) )
+
+    c_ij: cosine similarity of experts i and j's (ungated) outputs on token t (`cosine_from_gram`);
+    S_t: the experts token t is routed to: the top `top_k` gates (dense routers: molora, loramoe), or
+    with top_k=None the experts with a non-zero gate (sparse routers: mola, mixlora); U_t: the others;
+    P_t: ordered pairs (i, j), i != j, both in S_t (anchor i, positive j), each against the anchor's
+    negatives U_t. A token with fewer than two selected experts contributes 0; with no unselected
+    expert every pair's term is exactly 0. An expert whose output on the token has norm <= eps
+    (its B still zero) takes no part on that token, as positive or negative: the cosine's gradient
+    there is 1/eps. Selection is not differentiated: the gradient reaches the experts, not the router.
+    """
+    E = gates_TxE.shape[-1]
+    gram = gram_TxExE.reshape(-1, E, E)
+    gates = gates_TxE.reshape(-1, E).astype(jnp.float32)
+    w = jnp.ones((gates.shape[0],), jnp.float32) if weights_T is None else weights_T.reshape(-1).astype(jnp.float32)
+    routed = (gates > 0) if top_k is None else (_topk_onehot(gates, min(top_k, E)) > 0)  # [T, E]
+    alive = jnp.diagonal(gram, axis1=-2, axis2=-1) > eps * eps
+    sel, unsel = routed & alive, ~routed & alive
+    s = cosine_from_gram(gram, eps) / jnp.float32(temperature)  # [T, E, E]
+    neg = sel[:, :, None] & unsel[:, None, :]
+    pos = sel[:, :, None] & sel[:, None, :] & ~jnp.eye(E, dtype=bool)[None]
+    # a large finite stand-in for -inf keeps gradients finite where an anchor has no negative
+    neg_lse_TxE = jax.nn.logsumexp(jnp.where(neg, s, -1e30), axis=-1)
+    pair = jnp.logaddexp(s, neg_lse_TxE[:, :, None]) - s  # -log(exp(s_ij) / (exp(s_ij) + sum_u exp(s_iu)))
+    n_pos = jnp.sum(pos, axis=(1, 2)).astype(jnp.float32)
+    per_token = jnp.sum(jnp.where(pos, pair, 0.0), axis=(1, 2)) / jnp.maximum(n_pos, 1.0)
+    return jnp.sum(per_token * w) / jnp.maximum(jnp.sum(w), _EPS)
+
+
+def contrastive_expert_loss(stats: list[ExpertStat], top_k: int | None, temperature: float,
+                            mask_BxL: jax.Array | None = None):
+    """`contrastive_expert_terms` of every expert bank (padding tokens masked), averaged over banks: an
+    InfoNCE value is O(log E) per bank, and the mean keeps a coefficient's meaning across model depths
+    (a sum over SmolLM2's 210 linears would be ~200x a 1-layer model's)."""
+    total = jnp.zeros((), jnp.float32)
+    for s in stats:
+        w = _token_weights(s.gates, mask_BxL)
+        total = total + contrastive_expert_terms(s.gram, s.gates, top_k, temperature, w)
+    total = total / max(len(stats), 1)
+    return total, {"contrastive": total}
+
+
 # ------------------------------------------------------------------ everything
 def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates: Mapping[str, Any] | None,
                adapter_config: Any | None):
@@ -193,6 +296,7 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
 
     batch: input_ids [B, L]; attention_mask [B, L] (optional; masks routers' padding tokens);
     loss_mask [B, L] (optional; defaults to attention_mask); task_types [B] (LoRAMoE).
+    The contrastive expert loss (contrastive_coef > 0) reads `expert_gram` from the intermediates.
     """
     input_ids = batch["input_ids"]
     attn = batch.get("attention_mask")
@@ -218,7 +322,17 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
                 "LoRAMoE's localized balancing constraint needs a per-example task type: add 'task_types' "
                 "(1 = world knowledge, 0 = other) to the batch, or set loramoe_coef=0"
             )
-        terms.append((ac.loramoe_coef, loramoe_localized(stats, jnp.asarray(batch["task_types"]), ac.loramoe_delta, attn)))
+        terms.append((ac.loramoe_coef, loramoe_localized(stats, jnp.asarray(batch["task_types"]), ac.loramoe_delta, attn,
+                                                          form=getattr(ac, "loramoe_form", "code"))))
+    if getattr(ac, "contrastive_coef", 0.0):
+        ex = expert_stats(inter)
+        if not ex:
+            raise MoeLoraError(
+                "contrastive_coef > 0 but the model sowed no expert_gram: apply the model built with this adapter config "
+                "(with mutable=['intermediates'])"
+            )
+        sel_k = None if ac.method in ("mola", "mixlora") else ac.top_k  # sparse routers: their own selection
+        terms.append((ac.contrastive_coef, contrastive_expert_loss(ex, sel_k, ac.contrastive_temperature, attn)))
     if ac.method == "milora" and ac.milora_coef:
         terms.append((ac.milora_coef, milora_prompt_balance(router_stats(inter, "milora"))))
     for coef, (value, m) in terms:

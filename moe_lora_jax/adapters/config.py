@@ -22,6 +22,8 @@ FFN_MODULES = ("gate", "up", "down")
 MOV_MODULES = ("k", "v", "ffn")  # "ffn": the SwiGLU activation silu(gate) * up that feeds down_proj
 POOLINGS = ("attention", "mean", "last", "max")
 SWITCH_FORMS = ("mola", "mixtral")
+LORAMOE_FORMS = ("code", "paper")  # code: CV^2 = var/mean^2 (the authors' code); paper: var/mean (the paper's equation)
+CONTRASTIVE_METHODS = ("molora", "mola", "loramoe", "mixlora")  # methods whose experts are LoRA experts
 ROUTER_INITS = ("kaiming", "normal")
 LORA_INITS = ("kaiming", "normal")  # LoRA A: torch nn.Linear's kaiming-uniform (PEFT) or normal(0.02) (MoV paper's code)
 MOV_ROUTINGS = ("head", "token")  # MoV on k/v: per attention head (reference MoVAttention) or once per token
@@ -64,6 +66,11 @@ class AdapterConfig:
       mov_routing: MoV on k/v: "head" (a router [head_dim, E] shared by the heads, applied to each head's
         slice, vectors [heads, E, head_dim], as the reference's MoVAttention) or "token" (one route per token).
       lora_init: LoRA A initialiser, "kaiming" (uniform +-1/sqrt(fan_in)) or "normal" (std 0.02). None: method default.
+      contrastive_coef, contrastive_temperature: the contrastive expert loss (molora, mola, loramoe, mixlora;
+        0 = off, and then no expert outputs are computed) and its InfoNCE temperature; for the dense
+        routers (molora, loramoe) the loss counts a token's `top_k` largest gates as its routed experts.
+      loramoe_form: the localized constraint as "code" (var/mean^2, LoRAMoE's code; default) or "paper"
+        (var/mean, the paper's equation): they differ by the factor mean(I * Q), so each needs its own loramoe_coef.
     """
 
     method: str = "lora"
@@ -90,6 +97,9 @@ class AdapterConfig:
     milora_coef: float = 1e-2
     mov_routing: str = "head"
     lora_init: str | None = None
+    contrastive_coef: float = 0.0
+    contrastive_temperature: float = 0.07
+    loramoe_form: str = "code"
 
     def __post_init__(self) -> None:
         if self.target_modules is not None and not isinstance(self.target_modules, tuple):
@@ -128,6 +138,20 @@ class AdapterConfig:
             raise MoeLoraError(
                 f"top_k={self.top_k} is larger than the {len(self.targets)} LoRA modules per layer that MiLoRA routes between"
             )
+        self._check_contrastive_and_loramoe_form()
+
+    def _check_contrastive_and_loramoe_form(self) -> None:
+        if self.contrastive_coef < 0:
+            raise MoeLoraError(f"contrastive_coef={self.contrastive_coef} must be >= 0 (0 turns the contrastive expert loss off)")
+        if self.contrastive_coef and self.method not in CONTRASTIVE_METHODS:
+            raise MoeLoraError(
+                f"contrastive_coef={self.contrastive_coef} does not apply to method {self.method}: the contrastive expert "
+                f"loss needs LoRA experts ({', '.join(CONTRASTIVE_METHODS)}); set contrastive_coef=0"
+            )
+        if not self.contrastive_temperature > 0:
+            raise MoeLoraError(f"contrastive_temperature={self.contrastive_temperature} must be positive (e.g. 0.07)")
+        if self.loramoe_form not in LORAMOE_FORMS:
+            raise MoeLoraError(f"loramoe_form={self.loramoe_form!r}: use one of {', '.join(LORAMOE_FORMS)}")
 
     # ------------------------------------------------------------ resolved values
     @property

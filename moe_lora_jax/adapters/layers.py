@@ -149,8 +149,24 @@ def expert_bank_delta(mdl: nn.Module, x: jax.Array, out_features: int, axes: tup
     gates = route(mdl, x, E, cfg, ctx, top_k)
     xd = dropout(mdl, x, cfg.dropout, ctx.deterministic)
     h = jnp.einsum("...d,edr->...er", xd, a.astype(dtype))
+    if cfg.contrastive_coef:  # static: with coefficient 0 nothing below is traced
+        mdl.sow("intermediates", "expert_gram", lora_expert_gram(h, b, cfg.scale))
     h = h * gates[..., None].astype(dtype)
     return jnp.einsum("...er,ero->...o", h, b.astype(dtype)) * jnp.asarray(cfg.scale, dtype)
+
+
+def lora_expert_gram(h_TxExR: jax.Array, b_ExRxO: jax.Array, scale: float) -> jax.Array:
+    """Inner products <o_e, o_f> of the E experts' ungated outputs o_e = scale * h_e @ B_e, [..., E, E] in float32.
+
+    Computed as h_e (B_e B_f^T) h_f with the r x r blocks B_e B_f^T, so the per-expert outputs
+    [..., E, O] are never materialised: per token E^2 r^2 products instead of E r O.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    b32 = b_ExRxO.astype(jnp.float32)
+    bb_ExExRxR = jnp.einsum("ero,fso->efrs", b32, b32, precision=hi)
+    h32 = h_TxExR.astype(jnp.float32)
+    hg = jnp.einsum("...er,efrs->...efs", h32, bb_ExExRxR, precision=hi)
+    return jnp.einsum("...efs,...fs->...ef", hg, h32, precision=hi) * jnp.float32(scale * scale)
 
 
 def ia3_mixture(mdl: nn.Module, y: jax.Array, axis: str, num_experts: int, cfg: AdapterConfig,
@@ -248,6 +264,15 @@ def mixlora_ffn(mdl: nn.Module, x_BxLxD: jax.Array, config: Any, cfg: AdapterCon
             h = h.reshape(h.shape[0], 1, E, r) * onehot_TxKxE[..., None]
         return jnp.dot(h.reshape(*h.shape[:2], E * r), b_cat) * scale  # [T, k, out]
 
+    if cfg.contrastive_coef:  # static: the contrastive loss needs every expert's output on every token
+        gates_TxE = jnp.sum(jax.nn.one_hot(top_i, E, dtype=jnp.float32) * weights[..., None], axis=-2)
+        out_TxExD, base_TxD = _mixlora_every_expert(mdl, x, w, lora, E, r, cfg, ctx, dtype)
+        contrib_TxExD = out_TxExD.astype(jnp.float32) - base_TxD.astype(jnp.float32)[:, None, :]
+        gram = jnp.einsum("ted,tfd->tef", contrib_TxExD, contrib_TxExD, precision=jax.lax.Precision.HIGHEST)
+        mdl.sow("intermediates", "expert_gram", gram.reshape(B, L, E, E))
+        out = jnp.einsum("te,ted->td", gates_TxE.astype(dtype), out_TxExD)
+        return out.reshape(B, L, D)
+
     gate = jnp.dot(x, w["gate"].astype(dtype))[:, None, :]  # shared frozen products [T, 1, F]
     up = jnp.dot(x, w["up"].astype(dtype))[:, None, :]
     if "gate" in lora:
@@ -262,6 +287,36 @@ def mixlora_ffn(mdl: nn.Module, x_BxLxD: jax.Array, config: Any, cfg: AdapterCon
         out = out + expert_lora("down", act, per_slot=True)
     out = jnp.sum(out * weights[..., None].astype(dtype), axis=1)
     return out.reshape(B, L, D)
+
+
+def _mixlora_every_expert(mdl: nn.Module, x_TxD: jax.Array, w: dict, lora: dict, E: int, r: int, cfg: AdapterConfig,
+                          ctx: AdapterContext, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Every MixLoRA expert's FFN output on every token, [T, E, D], and the frozen FFN's [T, D].
+
+    Used only when the contrastive expert loss is on: it costs E/k times the top-k FFN.
+    """
+    T = x_TxD.shape[0]
+    scale = jnp.asarray(cfg.scale, dtype)
+
+    def lora_all(m: str, inp: jax.Array) -> jax.Array:  # inp [T, din] (shared) or [T, E, din] (per expert)
+        a_cat, b_cat = lora[m]
+        din, dout = a_cat.shape[0], b_cat.shape[1]
+        xd = dropout(mdl, inp, cfg.dropout, ctx.deterministic)
+        a_DxExR = a_cat.reshape(din, E, r)
+        h = jnp.einsum("td,der->ter", xd, a_DxExR) if inp.ndim == 2 else jnp.einsum("ted,der->ter", xd, a_DxExR)
+        return jnp.einsum("ter,ero->teo", h, b_cat.reshape(E, r, dout)) * scale
+
+    gate = jnp.dot(x_TxD, w["gate"].astype(dtype))
+    up = jnp.dot(x_TxD, w["up"].astype(dtype))
+    base = jnp.dot(nn.silu(gate) * up, w["down"].astype(dtype))
+    gate_TxExF = gate[:, None, :] + (lora_all("gate", x_TxD) if "gate" in lora else 0)
+    up_TxExF = up[:, None, :] + (lora_all("up", x_TxD) if "up" in lora else 0)
+    gate_TxExF = jnp.broadcast_to(gate_TxExF, (T, E, gate.shape[-1]))
+    act = nn.silu(gate_TxExF) * up_TxExF
+    out = jnp.dot(act, w["down"].astype(dtype))
+    if "down" in lora:
+        out = out + lora_all("down", act)
+    return out, base
 
 
 # ------------------------------------------------------------------ MiLoRA router

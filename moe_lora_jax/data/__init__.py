@@ -11,6 +11,7 @@ from moe_lora_jax.data.pipeline import (
     eval_batches,
     load_records,
     make_train_data,
+    task_type_table,
     tokenize_split,
 )
 from moe_lora_jax.data.templates import TEMPLATES, prompt_ids, prompt_text
@@ -31,6 +32,7 @@ __all__ = [
     "make_train_data",
     "prompt_ids",
     "prompt_text",
+    "task_type_table",
     "tokenize_split",
     "write_bundled",
 ]

@@ -103,6 +103,19 @@ def build_task_table(*record_lists: Sequence[Mapping[str, Any]], task_field: str
     return tuple(sorted(names))
 
 
+def task_type_table(task_names: Sequence[str], world_knowledge_tasks: Sequence[str]) -> np.ndarray:
+    """LoRAMoE's task type of every task id: int32 [len(task_names)], 1 where the task is named in
+    `world_knowledge_tasks` (data.world_knowledge_tasks), else 0. A name not in the table is an error."""
+    known = set(task_names)
+    unknown = [t for t in world_knowledge_tasks if t not in known]
+    if unknown:
+        raise MoeLoraError(
+            f"data.world_knowledge_tasks names {unknown}, which no example has: use some of {list(task_names)}"
+        )
+    wanted = set(world_knowledge_tasks)
+    return np.asarray([1 if t in wanted else 0 for t in task_names], np.int32)
+
+
 # ----------------------------------------------------------------------------- tokenizing
 @dataclass(frozen=True)
 class TruncationStats:

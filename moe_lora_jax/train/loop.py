@@ -61,6 +61,7 @@ class Run:
     mesh: Any
     optimizer: Any
     schedule: Callable
+    task_types: Any = None  # LoRAMoE: int32 [num_tasks], 1 = world knowledge (data.world_knowledge_tasks)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -110,6 +111,26 @@ def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, 
     return ac
 
 
+def loramoe_task_types(config: TrainConfig, task_names: tuple[str, ...]) -> np.ndarray | None:
+    """LoRAMoE's type of every task id (1 = world knowledge) from `data.world_knowledge_tasks`;
+    None where no type is needed. Named tasks must exist; LoRAMoE with its constraint on must name them."""
+    from moe_lora_jax.adapters import AdapterConfig
+    from moe_lora_jax.data import task_type_table
+
+    wk = config.data.world_knowledge_tasks
+    table = None if wk is None else task_type_table(task_names, wk)
+    if config.adapter.get("method") != "loramoe":
+        return None
+    default_coef = {f.name: f.default for f in dataclasses.fields(AdapterConfig)}["loramoe_coef"]
+    if table is None and float(config.adapter.get("loramoe_coef", default_coef) or 0.0):
+        raise MoeLoraError(
+            "LoRAMoE's localized balancing constraint needs each example's task type: set data.world_knowledge_tasks "
+            f"to the world-knowledge task names (type 1; the rest are type 0), some of {list(task_names)}, "
+            "or set adapter.loramoe_coef=0"
+        )
+    return table
+
+
 def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
     from moe_lora_jax.convert import load_llama, load_llama_config
     from moe_lora_jax.data import make_train_data
@@ -128,6 +149,7 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
         config.data, tokenizer, loop.global_batch, process_index=jax.process_index(),
         process_count=jax.process_count(), data_parallel=data_parallel_size(mesh), grad_accum=loop.grad_accum,
     )
+    task_types = loramoe_task_types(config, data.task_names)  # before the weights: a bad list fails fast
     overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype)
     model_config = load_llama_config(path).replace(remat=config.model.remat, **overrides)
     base_sh = param_shardings(LlamaForCausalLM(model_config), mesh)["params"]
@@ -139,19 +161,15 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
         config=config, model_path=path, model=LlamaForCausalLM(model_config, ac), model_config=model_config,
         adapter_config=ac, base=base, base_shardings=base_sh, tokenizer=tokenizer, data=data, mesh=mesh,
         optimizer=make_optimizer(config.optim, loop.steps), schedule=make_schedule(config.optim, loop.steps),
+        task_types=task_types,
     )
 
 
-def _batch_for_step(batch: Mapping[str, np.ndarray], ac: Any) -> dict[str, np.ndarray]:
+def _batch_for_step(batch: Mapping[str, np.ndarray], ac: Any, task_types: np.ndarray | None = None) -> dict[str, np.ndarray]:
     out = dict(batch)
-    if ac is not None and ac.method == "loramoe":
-        # LoRAMoE's constraint wants a binary type per example: the data's task label, which must be 0/1.
-        if np.any(out["task_id"] > 1):
-            raise MoeLoraError(
-                "LoRAMoE needs a binary task label (1 = world knowledge, 0 = other): give data with two task "
-                "names, or set adapter.loramoe_coef=0"
-            )
-        out["task_types"] = out["task_id"]
+    if ac is not None and ac.method == "loramoe" and task_types is not None:
+        # LoRAMoE's constraint wants a type per example: 1 where its task is in data.world_knowledge_tasks.
+        out["task_types"] = np.asarray(task_types, np.int32)[out["task_id"]]
     out.pop("task_id", None)
     return out
 
@@ -214,7 +232,7 @@ def train(
         ce_sum = n = 0.0
         for batch in eval_batches(split, loop.global_batch, run.data.train.pad_id, limit=loop.eval_batches,
                                   process_index=jax.process_index(), process_count=jax.process_count()):
-            batch = _batch_for_step({k: v for k, v in batch.items() if k != "example_index"}, ac)
+            batch = _batch_for_step({k: v for k, v in batch.items() if k != "example_index"}, ac, run.task_types)
             out = eval_step(state.adapter, run.base, shard_batch(batch, run.mesh))
             ce_sum, n = ce_sum + float(out["ce_sum"]), n + float(out["tokens"])
         return ce_sum / max(n, 1.0)
@@ -231,7 +249,7 @@ def train(
                 writer.write(0, {"eval/loss": val})
                 result.evals.append({"step": 0, "eval/loss": val})
         for step in range(start, end):
-            batch = _batch_for_step(next(run.data.train), ac)
+            batch = _batch_for_step(next(run.data.train), ac, run.task_types)
             if batch_hook is not None:
                 batch = batch_hook(step, batch)
             state, metrics = steps(state, run.base, shard_batch(batch, run.mesh))
