@@ -94,7 +94,7 @@ def resolve_allocation(spec: Any, params: Any, num_layers: int, *, progress: boo
     return alloc
 
 
-def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, *, progress: bool = False) -> Any:
+def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, *, progress: bool = False, validate: bool = True) -> Any:
     from moe_lora_jax.adapters import AdapterConfig
 
     raw = dict(raw)
@@ -105,8 +105,43 @@ def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, 
     if unknown:
         raise MoeLoraError(f"unknown adapter key(s) {unknown}: valid keys are {', '.join(sorted(names))}")
     ac = AdapterConfig(**{k: tuple(v) if k == "target_modules" and v is not None else v for k, v in raw.items()})
-    ac.validate_for(model_config)
+    if validate:
+        ac.validate_for(model_config)
     return ac
+
+
+def check_config(config: TrainConfig, model_path: Any = None) -> Any:
+    """Check everything that needs neither the weights nor the data, and return the AdapterConfig.
+
+    The adapter section (unknown keys, types, values) is checked against the model's
+    config.json; an allocation given as counts or a file is resolved and checked too. An
+    AlphaLoRA recipe needs the weights' spectra: its counts are checked after the load, so
+    the returned config then has no allocation. The other sections were checked when the
+    TrainConfig was built. Cheap: call it before tokenizing data, loading weights or writing.
+    """
+    from moe_lora_jax.convert import load_llama_config
+    from moe_lora_jax.embedded import resolve_model_path
+
+    path = resolve_model_path(config.model.path) if model_path is None else model_path
+    model_config = load_llama_config(path)
+    raw = dict(config.adapter)
+    spec = raw.get("allocation")
+    if isinstance(spec, Mapping) and str(spec.get("method")) == "alphalora":
+        return adapter_config_from({**raw, "allocation": None}, None, model_config, validate=False)
+    return adapter_config_from(raw, None, model_config)
+
+
+def check_task_types(data: Any, ac: Any) -> None:
+    """Convert the task labels of every example of the train and validation splits as batches will be,
+    once at start-up: a label the method cannot use fails now, not at the step whose batch first holds it."""
+    splits = [("train", data.train.split), ("validation", data.validation)]
+    for name, split in splits:
+        if split is None:
+            continue
+        try:
+            _batch_for_step({"task_id": np.asarray(split.task_ids)}, ac)
+        except MoeLoraError as e:
+            raise MoeLoraError(f"{name} split (task names {list(data.task_names)}): {e}") from None
 
 
 def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
@@ -121,12 +156,14 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
 
     mesh = make_mesh(config.mesh)
     path = resolve_model_path(config.model.path)
+    early_ac = check_config(config, path)  # the whole config, adapter included, before data and weights
     tokenizer = load_tokenizer(path)  # before the weights: a bad template or data fails fast
     loop = config.loop
     data = make_train_data(
         config.data, tokenizer, loop.global_batch, process_index=jax.process_index(),
         process_count=jax.process_count(), data_parallel=data_parallel_size(mesh), grad_accum=loop.grad_accum,
     )
+    check_task_types(data, early_ac)  # every label of the split, before the weights load
     overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype)
     model_config = load_llama_config(path).replace(remat=config.model.remat, **overrides)
     base_sh = param_shardings(LlamaForCausalLM(model_config), mesh)["params"]
@@ -175,6 +212,8 @@ def train(
     from moe_lora_jax.train.state import TrainState, init_adapter, state_shardings
     from moe_lora_jax.train.step import CompiledSteps, make_eval_step, make_train_step
 
+    if run is None:
+        check_config(config)  # a bad setting fails before anything is written
     out_dir = Path(config.output_dir)
     main = is_main_process()
     if main:
