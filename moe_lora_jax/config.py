@@ -172,13 +172,14 @@ _DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", 
 def _check_dims(config: "LlamaConfig") -> None:
     """Positive whole sizes and a positive, finite RMSNorm epsilon (it guards a division by the RMS)."""
     import math
+    import numbers
 
     for name in _DIMS:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
             raise MoeLoraError(f"LlamaConfig.{name}={value!r} must be a positive integer")
     eps = config.rms_norm_eps
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
         raise MoeLoraError(f"rms_norm_eps={eps!r} must be a positive finite number (LLaMA uses 1e-5 or 1e-6)")
 
 

@@ -227,18 +227,20 @@ def _check_field_types(ac: "AdapterConfig") -> None:
     Fields of other types are left to their own checks.
     """
     import math
-    import typing
+    import numbers
 
     def show(v: Any) -> str:
         return "null" if v is None else repr(v)
 
-    for name, tp in typing.get_type_hints(type(ac)).items():
-        args = typing.get_args(tp)
-        optional = type(None) in args
-        base = [a for a in args if a is not type(None)] if args else [tp]
-        if len(base) != 1 or base[0] not in (int, float, bool, str):
+    scalars = {"int": int, "float": float, "bool": bool, "str": str}
+    for f in dataclasses.fields(ac):
+        # annotations are strings here (from __future__ import annotations): read them without evaluating
+        parts = [p.strip() for p in str(f.type).split("|")] if isinstance(f.type, str) else [getattr(f.type, "__name__", "")]
+        optional = "None" in parts
+        kinds = [p for p in parts if p != "None"]
+        if len(kinds) != 1 or kinds[0] not in scalars:
             continue
-        base, value = base[0], getattr(ac, name)
+        name, base, value = f.name, scalars[kinds[0]], getattr(ac, f.name)
         if value is None:
             if optional:
                 continue
@@ -247,8 +249,8 @@ def _check_field_types(ac: "AdapterConfig") -> None:
         if base is bool:
             if not isinstance(value, bool):
                 raise MoeLoraError(f"{name}={show(value)} is not a boolean: use true or false")
-        elif base is int:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        elif base is int:  # numpy integers count; 8.0 is 8
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
                 raise MoeLoraError(f"{name}={show(value)} is not an integer: give a whole number")
             object.__setattr__(ac, name, int(value))
         elif base is float:
@@ -257,11 +259,11 @@ def _check_field_types(ac: "AdapterConfig") -> None:
                     value = float(value)
                 except ValueError:
                     raise MoeLoraError(f"{name}={show(value)} is not a number") from None
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise MoeLoraError(f"{name}={show(value)} is not a number")
             if not math.isfinite(value):
                 raise MoeLoraError(f"{name}={value} is not a finite number")
-            object.__setattr__(ac, name, value)
+            object.__setattr__(ac, name, value if isinstance(value, int) else float(value))
         elif not isinstance(value, str):
             raise MoeLoraError(f"{name}={show(value)} is not a string")
 
