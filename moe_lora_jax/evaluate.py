@@ -391,7 +391,9 @@ def _perplexity_rows(tokenizer: Any, records: Sequence[Mapping[str, Any]], templ
     rows, cut = [], 0
     for i, r in enumerate(records):
         if r.get("text") is not None:
-            ids = list(tokenizer(str(r["text"]))["input_ids"])
+            if not isinstance(r["text"], str):  # no str(): a list or object is not a text
+                raise MoeLoraError(f"{row_label(records, i)} has a {type(r['text']).__name__} in 'text', not a string: map a text column with --columns")
+            ids = list(tokenizer(r["text"])["input_ids"])
             if len(ids) < 2:
                 raise MoeLoraError(f"row {i}: the text has {len(ids)} token(s): perplexity needs at least 2")
             prompt, target = ids[:1], ids[1:]

@@ -82,6 +82,14 @@ def test_lists_dicts_and_scalars_in_text_fields_are_errors(tmp_path, field, valu
         tokenize_split(load_records(path), CharTokenizer(), "alpaca", max_len=64)
 
 
+def test_perplexity_text_that_is_a_list_is_an_error(tmp_path):
+    from moe_lora_jax.evaluate import _perplexity_rows, load_eval_records
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "fine"}, {"text": ["a", "b"]}])
+    with pytest.raises(MoeLoraError, match=r"p.jsonl line 2 has a list in 'text', not a string"):
+        _perplexity_rows(CharTokenizer(), load_eval_records(str(path)), "alpaca", 64)
+
+
 def test_null_output_is_named_as_null_not_missing(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "i", "output": None}])
     with pytest.raises(MoeLoraError, match=r"d.jsonl line 1 has 'output': null \(fields present: instruction, output\)"):
