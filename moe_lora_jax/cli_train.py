@@ -70,7 +70,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     initialize_distributed()
     config = _config(Path(args.config), args)
-    _announce(config, Path(args.config))
+    from moe_lora_jax.parallel.multihost import is_main_process
+
+    if is_main_process():
+        _announce(config, Path(args.config))
     result = train(config, progress=not args.no_progress)
     _print_summary(result)
     return 0
