@@ -105,6 +105,10 @@ def run_eval(args: argparse.Namespace) -> int:
     records = evaluate.load_eval_records(args.data, args.split, columns, limit=args.limit)
     if not records:
         raise MoeLoraError(f"{args.data} split {args.split} has no examples")
+    if args.kind == "exact-match":  # bad rows fail before the model loads, named by file and line
+        from moe_lora_jax.data.templates import check_text_fields
+
+        check_text_fields(records)
     path, config, model, variables = load_model_and_adapter(args.model, args.adapter)
     tokenizer = load_tokenizer(path)
     progress = not args.no_progress

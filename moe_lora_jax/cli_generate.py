@@ -34,7 +34,22 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_generate)
 
 
+def _check_text(text: str, what: str) -> None:
+    """Refuse text that is not valid UTF-8 (the shell hands Python undecodable bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MoeLoraError(f"{what} is not valid UTF-8 (character {e.start + 1}): pass UTF-8 text") from None
+
+
 def _check_args(args: argparse.Namespace) -> None:
+    import math
+
+    for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p), ("--length-penalty", args.length_penalty)):
+        if not math.isfinite(value):  # nan passes every comparison below and decodes garbage
+            raise MoeLoraError(f"{flag}={value} is not a finite number: give a real value")
+    if args.prompt is not None:
+        _check_text(args.prompt, "--prompt")
     if args.max_new_tokens < 1:
         raise MoeLoraError(f"--max-new-tokens={args.max_new_tokens}: ask for at least 1 token")
     if not 1 <= args.beams <= MAX_BEAMS:
@@ -127,6 +142,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         try:
+            _check_text(line, "the prompt")
             emit(line.rstrip("\n"))
         except MoeLoraError as e:  # a bad prompt should not end the session
             print(f"moe-lora generate: error: {e}", file=sys.stderr)

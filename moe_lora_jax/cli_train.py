@@ -41,7 +41,27 @@ def _config(path: Path, args: argparse.Namespace) -> Any:
     from moe_lora_jax.train.config import load_config
 
     overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    return load_config(path, overrides)
+    config = load_config(path, overrides)
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        flag = "--output-dir" if args.output_dir else "output_dir"
+        raise MoeLoraError(f"{flag} {out} is a file, not a directory: name a new or existing run directory")
+    return config
+
+
+def _announce(config: Any, config_file: Path) -> None:
+    """Say what is about to run; an empty config file means every default, which deserves a sentence."""
+    import yaml
+
+    if config_file.is_file() and not yaml.safe_load(config_file.read_text()):
+        print(f"{config_file} is empty: training with every default setting (see moe_lora_jax/configs/quickstart.yaml)")
+    adapter = config.adapter.get("method", "lora")
+    print(
+        f"train: {adapter} adapter on {config.model.path or 'the embedded SmolLM2-135M-Instruct'}, "
+        f"data {config.data.train or 'bundled multi-task set'}, {config.loop.steps} steps of {config.loop.global_batch} "
+        f"examples, writing to {config.output_dir}",
+        flush=True,
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -50,6 +70,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     initialize_distributed()
     config = _config(Path(args.config), args)
+    from moe_lora_jax.parallel.multihost import is_main_process
+
+    if is_main_process():
+        _announce(config, Path(args.config))
     result = train(config, progress=not args.no_progress)
     _print_summary(result)
     return 0

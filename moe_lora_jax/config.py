@@ -75,6 +75,7 @@ class LlamaConfig:
     remat: bool = False
 
     def __post_init__(self) -> None:
+        _check_dims(self)
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise MoeLoraError(f"LlamaConfig.{name}={getattr(self, name)!r} is not supported: use one of {DTYPES}")
@@ -115,6 +116,9 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides: Any) -> "LlamaConfig":
         """Build from a Hugging Face config dict; unsupported features raise MoeLoraError."""
+        if not isinstance(hf, Mapping):
+            raise MoeLoraError(f"{source} holds a JSON {type(hf).__name__}, not an object of settings: it is not a model config")
+        _check_hf_numbers(hf, source)
         _check_supported(hf, source)
         try:
             hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -183,6 +187,48 @@ class LlamaConfig:
         if self.model_type == "mistral":  # sliding_window None is written as null: no window, not the 4096 default
             out.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=self.sliding_window)
         return out
+
+
+_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_dims(config: "LlamaConfig") -> None:
+    """Positive whole sizes and a positive, finite RMSNorm epsilon (it guards a division by the RMS)."""
+    import math
+    import numbers
+
+    for name in _DIMS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise MoeLoraError(f"LlamaConfig.{name}={value!r} must be a positive integer")
+    eps = config.rms_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
+        raise MoeLoraError(f"rms_norm_eps={eps!r} must be a positive finite number (LLaMA uses 1e-5 or 1e-6)")
+
+
+def _check_hf_numbers(hf: Mapping[str, Any], source: str) -> None:
+    """Name the config.json field whose value is not a number (null, a string, a list) before int() trips on it."""
+    for key in (*_DIMS, "rms_norm_eps", "rope_theta"):
+        if key not in hf:
+            continue  # missing required fields are named by from_hf; optional ones take defaults
+        value = hf[key]
+        if value is None and key in ("num_key_value_heads", "head_dim", "rope_theta"):
+            continue  # null means "derive it" in HF configs
+        whole = key in _DIMS
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (not whole or float(value).is_integer())
+        if not ok:
+            what = "a positive integer" if whole else "a positive number"
+            raise MoeLoraError(f"{source}: {key} is {json_repr(value)}, not {what}: fix the model's config.json")
+
+
+def json_repr(value: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _check_supported(hf: Mapping[str, Any], source: str) -> None:

@@ -38,7 +38,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moe_lora_jax.data.bundled import exact_match
-from moe_lora_jax.data.templates import prompt_ids, render_many
+from moe_lora_jax.data.records import Records, row_label
+from moe_lora_jax.data.templates import check_text_fields, prompt_ids, render_many
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.generate import generate
 
@@ -85,6 +86,7 @@ def exact_match_eval(
     """Greedy completions of `records` scored by exact match against their `output` field."""
     if not records:
         raise MoeLoraError("no examples to evaluate: give at least one record with instruction and output")
+    check_text_fields(records)  # every row, named by file and line, before any decoding
     config = model.config
     stops = stop_ids(tokenizer, template, config.eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.pad_token_id or 0)
@@ -141,21 +143,21 @@ def parse_columns(spec: str | None) -> dict[str, str]:
     return out
 
 
-def _mapped_value(row: Mapping[str, Any], source: str, index: int) -> Any:
+def _mapped_value(row: Mapping[str, Any], source: str, index: int | str) -> Any:
     if source.startswith("[") and source.endswith("]"):
         return [s.strip() for s in source[1:-1].split("|")]
     names = source.split("|")
     missing = [n for n in names if n not in row]
     if missing:
         raise MoeLoraError(
-            f"row {index} has no column {missing[0]!r} (columns: {', '.join(map(str, row)) or 'none'}): fix --columns"
+            f"{index if isinstance(index, str) else f'row {index}'} has no column {missing[0]!r} (columns: {', '.join(map(str, row)) or 'none'}): fix --columns"
         )
     return [row[n] for n in names] if len(names) > 1 else row[names[0]]
 
 
 def apply_columns(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]) -> list[dict[str, Any]]:
     """Rows with each mapped field set from its column(s); other columns are kept as they are."""
-    return [{**row, **{f: _mapped_value(row, src, i) for f, src in columns.items()}} for i, row in enumerate(rows)]
+    return [{**row, **{f: _mapped_value(row, src, row_label(rows, i)) for f, src in columns.items()}} for i, row in enumerate(rows)]
 
 
 def _load_hub_config(name: str, config: str, split: str) -> list[dict]:
@@ -186,12 +188,15 @@ def load_eval_records(
         name, config = source.split(":", 1)
         rows = _load_hub_config(name, config, split)
     else:
-        rows = load_records(source, split)
+        rows = load_records(source, split, setting="--data")
     if limit is not None:
         if limit < 1:
             raise MoeLoraError(f"limit={limit}: evaluate at least 1 example")
-        rows = rows[:limit]
-    return apply_columns(rows, columns or {})
+    kept = rows[:limit] if limit is not None else rows
+    if isinstance(rows, Records):
+        kept = rows.derived(kept)
+    mapped = apply_columns(kept, columns or {})
+    return rows.derived(mapped) if isinstance(rows, Records) else mapped  # keeps file and line numbers for errors
 
 
 def _per_task(values: Sequence[Any], records: Sequence[Mapping[str, Any]], task_field: str) -> dict[str, list[Any]]:
@@ -336,7 +341,7 @@ def multiple_choice_eval(
     for i, r in enumerate(records):
         for field in ("question", "choices", "label"):
             if r.get(field) is None:
-                raise MoeLoraError(f"row {i} lacks {field!r} (fields: {', '.join(map(str, r))}): map it with --columns")
+                raise MoeLoraError(f"{row_label(records, i)} lacks {field!r} (fields: {', '.join(map(str, r))}): map it with --columns")
         choices, labels = _choices_and_labels(r["choices"], i)
         if not choices:
             raise MoeLoraError(f"row {i} has no options: every question needs at least one choice")
@@ -386,7 +391,9 @@ def _perplexity_rows(tokenizer: Any, records: Sequence[Mapping[str, Any]], templ
     rows, cut = [], 0
     for i, r in enumerate(records):
         if r.get("text") is not None:
-            ids = list(tokenizer(str(r["text"]))["input_ids"])
+            if not isinstance(r["text"], str):  # no str(): a list or object is not a text
+                raise MoeLoraError(f"{row_label(records, i)} has a {type(r['text']).__name__} in 'text', not a string: map a text column with --columns")
+            ids = list(tokenizer(r["text"])["input_ids"])
             if len(ids) < 2:
                 raise MoeLoraError(f"row {i}: the text has {len(ids)} token(s): perplexity needs at least 2")
             prompt, target = ids[:1], ids[1:]
@@ -394,7 +401,7 @@ def _perplexity_rows(tokenizer: Any, records: Sequence[Mapping[str, Any]], templ
             try:
                 (prompt,), (target,) = render_many([r], template, tokenizer)
             except MoeLoraError as e:
-                raise MoeLoraError(f"row {i} has no 'text' and is no instruction record ({e}): map text with --columns") from None
+                raise MoeLoraError(f"{row_label(records, i)} has no 'text' and is no instruction record ({e}): map text with --columns") from None
         if len(prompt) >= limit:
             raise MoeLoraError(f"row {i}: the prompt alone has {len(prompt)} tokens, the model's context is {limit}")
         if len(prompt) + len(target) > limit:

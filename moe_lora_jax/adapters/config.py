@@ -102,6 +102,7 @@ class AdapterConfig:
     loramoe_form: str = "code"
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.target_modules is not None and not isinstance(self.target_modules, tuple):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.method not in METHODS:
@@ -128,6 +129,11 @@ class AdapterConfig:
             raise MoeLoraError(f"router_init={self.router_init!r}: use one of {', '.join(ROUTER_INITS)}")
         if self.switch_form is not None and self.switch_form not in SWITCH_FORMS:
             raise MoeLoraError(f"switch_form={self.switch_form!r}: use one of {', '.join(SWITCH_FORMS)}")
+        if not 0.0 <= self.router_jitter < 1.0:  # noise is uniform in [1 - j, 1 + j]: j >= 1 can zero or flip inputs
+            raise MoeLoraError(f"router_jitter={self.router_jitter} must be in [0, 1): 0 turns jitter off")
+        for name in ("switch_coef", "importance_coef", "z_loss_coef", "loramoe_coef", "milora_coef"):
+            if (getattr(self, name) or 0.0) < 0:
+                raise MoeLoraError(f"{name}={getattr(self, name)} is negative: a balance weight is >= 0 (0 turns it off)")
         if self.method == "loramoe" and self.num_experts % 2:
             raise MoeLoraError(f"LoRAMoE splits its experts in two groups: num_experts={self.num_experts} must be even")
         if self.mov_routing not in MOV_ROUTINGS:
@@ -255,6 +261,55 @@ class AdapterConfig:
         if kw.get("allocation") is not None:
             kw["allocation"] = allocation_from_dict(kw["allocation"])
         return cls(**kw)
+
+
+def _check_field_types(ac: "AdapterConfig") -> None:
+    """Refuse values of the wrong type (rank=abc, top_k=null) with one line, before any arithmetic on them.
+
+    Fields typed int / float / bool / str (or those | None) are checked; an int is a float, a numeric
+    string is converted for a float field (YAML reads 1e-3 as a string), and floats must be finite.
+    Fields of other types are left to their own checks.
+    """
+    import math
+    import numbers
+
+    def show(v: Any) -> str:
+        return "null" if v is None else repr(v)
+
+    scalars = {"int": int, "float": float, "bool": bool, "str": str}
+    for f in dataclasses.fields(ac):
+        # annotations are strings here (from __future__ import annotations): read them without evaluating
+        parts = [p.strip() for p in str(f.type).split("|")] if isinstance(f.type, str) else [getattr(f.type, "__name__", "")]
+        optional = "None" in parts
+        kinds = [p for p in parts if p != "None"]
+        if len(kinds) != 1 or kinds[0] not in scalars:
+            continue
+        name, base, value = f.name, scalars[kinds[0]], getattr(ac, f.name)
+        if value is None:
+            if optional:
+                continue
+            what = {int: "whole number", float: "number", bool: "true or false", str: "string"}[base]
+            raise MoeLoraError(f"{name}=null is not allowed: give a {what} (or drop the key for the default)")
+        if base is bool:
+            if not isinstance(value, bool):
+                raise MoeLoraError(f"{name}={show(value)} is not a boolean: use true or false")
+        elif base is int:  # numpy integers count; 8.0 is 8
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
+                raise MoeLoraError(f"{name}={show(value)} is not an integer: give a whole number")
+            object.__setattr__(ac, name, int(value))
+        elif base is float:
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise MoeLoraError(f"{name}={show(value)} is not a number") from None
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise MoeLoraError(f"{name}={show(value)} is not a number")
+            if not math.isfinite(value):
+                raise MoeLoraError(f"{name}={value} is not a finite number")
+            object.__setattr__(ac, name, value if isinstance(value, int) else float(value))
+        elif not isinstance(value, str):
+            raise MoeLoraError(f"{name}={show(value)} is not a string")
 
 
 def linear_dims(model_config: Any) -> dict[str, tuple[int, int]]:

@@ -113,7 +113,13 @@ def _read_checked(readers: _Readers, hf_dir: Path, file_of: dict[str, Path], spe
     path = file_of[spec.hf_name]
     handle = readers.get(path)
     try:
-        if handle.get_slice(spec.hf_name).get_dtype() == "BF16":
+        stored = handle.get_slice(spec.hf_name).get_dtype()
+        if not stored.startswith(("F", "BF")):  # an integer or bool tensor would be cast to float silently
+            raise MoeLoraError(
+                f"tensor {spec.hf_name} in {path.name} is stored as {stored}, not floating point (F32, F16, BF16): "
+                "the checkpoint is corrupt or quantized; re-export it with float weights"
+            )
+        if stored == "BF16":
             array = np.asarray(readers.get(path, "flax").get_tensor(spec.hf_name))
         else:
             array = handle.get_tensor(spec.hf_name)

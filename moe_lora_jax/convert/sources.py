@@ -102,6 +102,9 @@ def read_config_json(hf_dir: Path) -> dict:
             f"{config_path} is missing: point --model at a Hugging Face model directory (config.json + *.safetensors) or a .gguf file"
         )
     try:
-        return json.loads(config_path.read_text())
+        hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise MoeLoraError(f"{config_path} is not valid JSON ({e}): re-download or re-export the model") from None
+    if not isinstance(hf, dict):
+        raise MoeLoraError(f"{config_path} holds a JSON {type(hf).__name__}, not an object of settings: re-download or re-export the model")
+    return hf

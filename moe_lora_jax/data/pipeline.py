@@ -45,12 +45,21 @@ DEFAULT_TASK = "default"
 
 
 # ----------------------------------------------------------------------------- loading
-def load_records(source: str | Path | None, split: str = "train", *, bundled_seed: int = 0, bundled_size: int = 10_000) -> list[dict]:
+def load_records(
+    source: str | Path | None,
+    split: str = "train",
+    *,
+    bundled_seed: int = 0,
+    bundled_size: int = 10_000,
+    setting: str | None = None,
+) -> list[dict]:
     """Rows of one split as dicts.
 
     `source` is None (the bundled set), a .json/.jsonl/.parquet file, a directory
     holding `{split}.jsonl` (or .json/.parquet, as `write_bundled` produces), or a
-    hub dataset name (needs a network).
+    hub dataset name (needs a network). JSON files are read as written (strings stay
+    strings) into `Records` that remember each row's line; `setting` names where the
+    source came from in error messages (default: data.<split>).
     """
     if source is None:
         from moe_lora_jax.data.bundled import load_bundled
@@ -68,19 +77,24 @@ def load_records(source: str | Path | None, split: str = "train", *, bundled_see
             raise MoeLoraError(f"{path} is not .json, .jsonl or .parquet: convert it to one of those formats")
         return _load_file(path, fmt)
     if path.suffix.lower() in FILE_FORMATS or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
-        raise MoeLoraError(f"data file {source} does not exist: check the path in data.{split}")
+        raise MoeLoraError(f"data file {source} does not exist: check the path in {setting or f'data.{split}'}")
     return _load_hub(str(source), split)
 
 
 def _load_file(path: Path, fmt: str) -> list[dict]:
+    if fmt == "json":  # read as written, with line numbers (see moe_lora_jax.data.records)
+        from moe_lora_jax.data.records import read_json_records
+
+        return read_json_records(path)
     import datasets
+    from moe_lora_jax.data.records import Records
 
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # malformed JSON, schema conflicts, unreadable parquet
         raise MoeLoraError(f"could not read {path} as {fmt} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): fix the file") from None
-    return ds.to_list()
+    return Records(ds.to_list(), str(path))
 
 
 def _load_hub(name: str, split: str) -> list[dict]:

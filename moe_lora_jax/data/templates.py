@@ -46,12 +46,26 @@ def check_template(template: str, tokenizer: Any) -> None:
         raise MoeLoraError("the tokenizer has no chat template: set data.template=alpaca, or use an instruct model's tokenizer")
 
 
+class FieldTypeError(MissingFieldError):
+    """A text field holds something other than a string (a number, boolean, list or object)."""
+
+
+def _text(example: Mapping[str, Any], name: str, required: bool) -> str:
+    value = example.get(name)
+    if value is None:
+        if required:
+            raise MissingFieldError(f"has {name!r}: null" if name in example else f"lacks the field {name!r}")
+        return ""
+    if not isinstance(value, str):  # no str(): 7 may have been "007", and a list is not a text
+        kind = "a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+        raise FieldTypeError(f"has {kind} in {name!r} ({value!r:.40}), not a string")
+    return value
+
+
 def _fields(example: Mapping[str, Any]) -> tuple[str, str]:
-    for name in REQUIRED_FIELDS:
-        if example.get(name) is None:
-            raise MissingFieldError(f"lacks the field {name!r}")
-    inp = example.get("input")
-    return str(example["instruction"]), "" if inp is None else str(inp)
+    instruction = _text(example, "instruction", True)
+    _text(example, "output", True)
+    return instruction, _text(example, "input", False)
 
 
 def user_message(example: Mapping[str, Any]) -> str:
@@ -74,7 +88,7 @@ def prompt_text(example: Mapping[str, Any], template: str, tokenizer: Any) -> st
 def response_text(example: Mapping[str, Any], template: str, tokenizer: Any) -> str:
     """The text that follows the prompt and carries loss (EOS excluded for alpaca, added as an id)."""
     _fields(example)
-    output = str(example["output"])
+    output = example["output"]
     if template == "alpaca":
         return output
     prompt = prompt_text(example, template, tokenizer)
@@ -87,6 +101,25 @@ def response_text(example: Mapping[str, Any], template: str, tokenizer: Any) -> 
             "set data.template=alpaca for this tokenizer"
         )
     return full[len(prompt) :]
+
+
+def check_text_fields(examples: Sequence[Mapping[str, Any]]) -> None:
+    """Every row has instruction and output, and instruction/input/output are strings; errors name the row
+    (file and line for rows read from a file, see `moe_lora_jax.data.records.row_label`)."""
+    from moe_lora_jax.data.records import row_label
+
+    for i, example in enumerate(examples):
+        try:
+            _fields(example)
+        except FieldTypeError as e:
+            raise FieldTypeError(
+                f"{row_label(examples, i)} {e}: instruction, input and output must be strings; quote the value in the file"
+            ) from None
+        except MissingFieldError as e:
+            raise MissingFieldError(
+                f"{row_label(examples, i)} {e} (fields present: {', '.join(map(str, example)) or 'none'}): "
+                f"every row needs {' and '.join(REQUIRED_FIELDS)} (input is optional)"
+            ) from None
 
 
 def encode_many(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
@@ -106,16 +139,11 @@ def render_many(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, response ids) for every example; raises MissingFieldError naming the row index."""
     check_template(template, tokenizer)
+    check_text_fields(examples)
     prompts, responses = [], []
-    for i, example in enumerate(examples):
-        try:
-            prompts.append(prompt_text(example, template, tokenizer))
-            responses.append(response_text(example, template, tokenizer))
-        except MissingFieldError as e:
-            raise MissingFieldError(
-                f"row {i} {e} (fields present: {', '.join(map(str, example)) or 'none'}): "
-                f"every row needs {' and '.join(REQUIRED_FIELDS)} (input is optional)"
-            ) from None
+    for example in examples:
+        prompts.append(prompt_text(example, template, tokenizer))
+        responses.append(response_text(example, template, tokenizer))
     # Alpaca: the tokenizer adds its BOS to the prompt; chat templates already contain their markers.
     prompt_tokens = encode_many(tokenizer, prompts, add_special_tokens=template == "alpaca")
     response_tokens = encode_many(tokenizer, responses, add_special_tokens=False)

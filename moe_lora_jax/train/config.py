@@ -87,6 +87,7 @@ class OptimConfig:
     rational_patterns: tuple[str, ...] = ("rational",)
 
     def __post_init__(self) -> None:
+        _check_optim(self)
         if self.lr <= 0:
             raise MoeLoraError(f"optim.lr={self.lr} must be positive: set optim.lr=2e-4 or similar")
         if self.warmup_steps < 0:
@@ -162,6 +163,33 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_optim(optim: "OptimConfig") -> None:
+    """Finite numbers, a clipping norm that clips, an epsilon that guards, patterns that compile."""
+    import math
+    import re
+
+    for f in dataclasses.fields(optim):
+        value = getattr(optim, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MoeLoraError(f"optim.{f.name}={value} is not a finite number: give a real value")
+    if optim.clip_norm is not None and not optim.clip_norm > 0:
+        # optax scales by clip_norm / norm: a negative value flips the update, 0 silently meant "no clipping"
+        raise MoeLoraError(f"optim.clip_norm={optim.clip_norm} must be positive (the largest global gradient norm): use null for no clipping")
+    if not optim.eps > 0:
+        raise MoeLoraError(f"optim.eps={optim.eps} must be positive: Adam divides by sqrt(v) + eps (default 1e-8)")
+    for name in ("b1", "b2"):
+        if not 0.0 <= getattr(optim, name) < 1.0:
+            raise MoeLoraError(f"optim.{name}={getattr(optim, name)} must be in [0, 1)")
+    if optim.weight_decay < 0:
+        raise MoeLoraError(f"optim.weight_decay={optim.weight_decay} must be >= 0")
+    for name in ("no_decay_patterns", "router_patterns", "rational_patterns"):
+        for i, pattern in enumerate(getattr(optim, name)):
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise MoeLoraError(f"optim.{name}[{i}]={pattern!r} is not a valid regular expression ({e}): fix or quote it") from None
 
 
 def _positive(obj: Any, *names: str) -> None:

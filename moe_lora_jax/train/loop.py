@@ -95,7 +95,7 @@ def resolve_allocation(spec: Any, params: Any, num_layers: int, *, progress: boo
     return alloc
 
 
-def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, *, progress: bool = False) -> Any:
+def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, *, progress: bool = False, validate: bool = True) -> Any:
     from moe_lora_jax.adapters import AdapterConfig
     from moe_lora_jax.adapters.presets import apply_preset
 
@@ -107,7 +107,8 @@ def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, 
     if unknown:
         raise MoeLoraError(f"unknown adapter key(s) {unknown}: valid keys are {', '.join(sorted(names))}")
     ac = AdapterConfig(**{k: tuple(v) if k == "target_modules" and v is not None else v for k, v in raw.items()})
-    ac.validate_for(model_config)
+    if validate:
+        ac.validate_for(model_config)
     return ac
 
 
@@ -131,6 +132,28 @@ def loramoe_task_types(config: TrainConfig, task_names: tuple[str, ...]) -> np.n
     return table
 
 
+def check_config(config: TrainConfig, model_path: Any = None) -> Any:
+    """Check everything that needs neither the weights nor the data, and return the AdapterConfig.
+
+    The adapter section (unknown keys, types, values) is checked against the model's
+    config.json; an allocation given as counts or a file is resolved and checked too. An
+    AlphaLoRA recipe needs the weights' spectra: its counts are checked after the load, so
+    the returned config then has no allocation. The other sections were checked when the
+    TrainConfig was built. Cheap: call it before tokenizing data, loading weights or writing.
+    """
+    from moe_lora_jax.convert import load_llama_config
+    from moe_lora_jax.embedded import resolve_model_path
+
+    path = resolve_model_path(config.model.path) if model_path is None else model_path
+    model_config = load_llama_config(path)
+    raw = dict(config.adapter)
+    spec = raw.get("allocation")
+    if isinstance(spec, Mapping) and str(spec.get("method")) == "alphalora":
+        return adapter_config_from({**raw, "allocation": None}, None, model_config, validate=False)
+    return adapter_config_from(raw, None, model_config)
+
+
+
 def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
     from moe_lora_jax.convert import load_llama, load_llama_config
     from moe_lora_jax.data import make_train_data
@@ -143,6 +166,7 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
 
     mesh = make_mesh(config.mesh)
     path = resolve_model_path(config.model.path)
+    check_config(config, path)  # the whole config, adapter included, before data and weights
     tokenizer = load_tokenizer(path)  # before the weights: a bad template or data fails fast
     loop = config.loop
     data = make_train_data(
@@ -194,6 +218,8 @@ def train(
     from moe_lora_jax.train.state import TrainState, init_adapter, state_shardings
     from moe_lora_jax.train.step import CompiledSteps, make_eval_step, make_train_step
 
+    if run is None:
+        check_config(config)  # a bad setting fails before anything is written
     out_dir = Path(config.output_dir)
     main = is_main_process()
     if main:

@@ -123,6 +123,8 @@ def make_optimizer(optim: Any, total_steps: int) -> optax.GradientTransformation
         )
 
     parts = []
+    if optim.clip_norm is not None and not optim.clip_norm > 0:  # optax would flip (< 0) or zero the update
+        raise MoeLoraError(f"optim.clip_norm={optim.clip_norm} must be positive: use null (None) for no clipping")
     if optim.clip_norm:
         parts.append(optax.clip_by_global_norm(optim.clip_norm))
     groups = functools.partial(
