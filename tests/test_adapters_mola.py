@@ -13,7 +13,11 @@ from moe_lora_jax.model import TargetLinear
 
 
 def mola_linear_torch(x, W, A, B, R, top_k, scale):
-    """MoLA's Linear_MoE.forward (eval, no dropout), with weights stored [in, out]."""
+    """MoLA's Linear_MoE.forward (eval, no dropout), with weights stored [in, out].
+
+    MoLA divides the top-k weights by their sum at every k; at k = 1 that makes the gate exactly 1
+    and cuts the router off from the task loss, so at k = 1 this keeps the probability (Switch),
+    as the library does (docs/methods.md, Routing)."""
     import torch
     import torch.nn.functional as F
 
@@ -23,7 +27,8 @@ def mola_linear_torch(x, W, A, B, R, top_k, scale):
     logits = flat @ R
     weights = F.softmax(logits, dim=1, dtype=torch.float)
     weights, selected = torch.topk(weights, top_k, dim=-1)
-    weights /= weights.sum(dim=-1, keepdim=True)
+    if top_k > 1:
+        weights /= weights.sum(dim=-1, keepdim=True)
     mask = F.one_hot(selected, num_classes=A.shape[0]).permute(2, 1, 0)
     final = torch.zeros((b * l, W.shape[1]), dtype=x.dtype)
     for e in range(A.shape[0]):
