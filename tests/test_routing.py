@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from adapter_testlib import TINY, batch, init_adapter, randomize, tiny_base
 
-from moe_lora_jax import LlamaForCausalLM
+from moe_lora_jax import LlamaForCausalLM, MoeLoraError
 from moe_lora_jax.adapters import AdapterConfig
 from moe_lora_jax.adapters.layers import topk_gates
 from moe_lora_jax.allocation import Allocation
@@ -57,6 +57,11 @@ def test_top1_gate_is_the_router_probability_and_top2_is_renormalised():
     g2 = np.asarray(topk_gates(probs, 2))
     assert g2.sum() == pytest.approx(1.0, abs=1e-6) and (g2 > 0).sum() == 2
     np.testing.assert_array_equal(np.asarray(topk_gates(probs, 2, renormalize=False)), np.asarray(probs * (g2 > 0)))
+    # the references' code as written: divided by the sum also at top-1, a gate of exactly 1
+    np.testing.assert_array_equal(np.asarray(topk_gates(probs, 1, renormalize="always")), [[0.0, 1.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(np.asarray(topk_gates(probs, 2, renormalize="always")), g2)
+    with pytest.raises(MoeLoraError, match="renormalize='sometimes'"):
+        AdapterConfig(method="mola", renormalize="sometimes")
 
 
 def _gates(config, params, ac):

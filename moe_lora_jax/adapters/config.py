@@ -23,6 +23,7 @@ MOV_MODULES = ("k", "v", "ffn")  # "ffn": the SwiGLU activation silu(gate) * up 
 POOLINGS = ("attention", "mean", "last", "max")
 SWITCH_FORMS = ("mola", "mixtral")
 ROUTER_INITS = ("kaiming", "normal")
+RENORMALIZE = (True, False, "always")  # True: when k > 1; "always": also at top-1 (gate 1, the references' code)
 
 # Method defaults for the fields that are `None` in a user's config.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -48,8 +49,10 @@ class AdapterConfig:
       top_k: experts selected per token (mola, mixlora) or LoRA modules per prompt (milora). With an
         Allocation, a layer routes the Allocation's per-layer top-k where it has one, else min(top_k, its experts).
       allocation: per-layer expert counts per module (mola / AlphaLoRA); None means `num_experts` everywhere.
-      renormalize: renormalise the top-k probabilities to sum to 1 when k > 1. At k = 1 the gate is the router
-        probability (Switch), never 1: a gate of exactly 1 would give the router no gradient from the task loss.
+      renormalize: renormalise the top-k probabilities to sum to 1 when k > 1 (True). At k = 1 the gate is the
+        router probability (Switch): a gate of exactly 1 would give the router no gradient from the task loss.
+        "always": renormalise at k = 1 too (gate 1), as the reference code of MoLA and the mixlora package does;
+        False: never renormalise.
       router_init: "kaiming" (uniform, bound 1/sqrt(fan_in), like torch's nn.Linear) or "normal" (std router_init_range).
       router_jitter: multiplicative uniform noise on router inputs while training (Switch/MixLoRA jitter).
       loramoe_delta: the localized balancing constraint's delta (LoRAMoE's blc_alpha).
@@ -69,7 +72,7 @@ class AdapterConfig:
     top_k: int = 2
     allocation: Any = None
     use_rslora: bool = False
-    renormalize: bool = True
+    renormalize: bool | str = True
     router_init: str | None = None
     router_init_range: float = 0.02
     router_jitter: float = 0.0
@@ -104,6 +107,8 @@ class AdapterConfig:
             raise MoeLoraError(f"num_experts={self.num_experts} must be positive")
         if self.top_k <= 0:
             raise MoeLoraError(f"top_k={self.top_k} must be positive")
+        if self.renormalize not in RENORMALIZE or isinstance(self.renormalize, int) and not isinstance(self.renormalize, bool):
+            raise MoeLoraError(f"renormalize={self.renormalize!r}: use true (when k > 1), false or 'always' (also at top-1)")
         if self.milora_pooling not in POOLINGS:
             raise MoeLoraError(f"milora_pooling={self.milora_pooling!r}: use one of {', '.join(POOLINGS)}")
         if self.router_init is not None and self.router_init not in ROUTER_INITS:
