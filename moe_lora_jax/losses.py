@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,7 @@ def cross_entropy(logits_BxLxV: jax.Array, input_ids_BxL: jax.Array, loss_mask_B
 
 
 # ------------------------------------------------------------------ balance terms
-def switch_aux_mola(stats: list[RouterStat], top_k: int, mask_BxL: jax.Array | None = None):
+def switch_aux_mola(stats: list[RouterStat], top_k: int | Callable[[RouterStat, int], int], mask_BxL: jax.Array | None = None):
     """Switch aux in MoLA's form: per layer (the layer's routers with the same expert count
     concatenated as tokens), E * sum_i f_i P_i with f_i the share of top-k assignments
     that go to expert i and P_i the mean router probability; summed over layers."""
@@ -119,7 +119,7 @@ def switch_aux_mola(stats: list[RouterStat], top_k: int, mask_BxL: jax.Array | N
     return total, {"switch_aux": total}
 
 
-def switch_aux_mixtral(stats: list[RouterStat], top_k: int, mask_BxL: jax.Array | None = None):
+def switch_aux_mixtral(stats: list[RouterStat], top_k: int | Callable[[RouterStat, int], int], mask_BxL: jax.Array | None = None):
     """Switch aux in Mixtral's (transformers') form: all layers' tokens pooled, f_i = top-k
     assignments to i per token (sums to k), P_i mean probability, E * sum_i f_i P_i.
     Routers with different expert counts are pooled per count and the terms summed."""

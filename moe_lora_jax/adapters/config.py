@@ -109,6 +109,8 @@ class AdapterConfig:
             raise MoeLoraError(f"top_k={self.top_k} must be positive")
         if self.renormalize not in RENORMALIZE or isinstance(self.renormalize, int) and not isinstance(self.renormalize, bool):
             raise MoeLoraError(f"renormalize={self.renormalize!r}: use true (when k > 1), false or 'always' (also at top-1)")
+        if self.renormalize != "always":  # numpy bools become plain ones: the gates test `is True`
+            object.__setattr__(self, "renormalize", bool(self.renormalize))
         if self.milora_pooling not in POOLINGS:
             raise MoeLoraError(f"milora_pooling={self.milora_pooling!r}: use one of {', '.join(POOLINGS)}")
         if self.router_init is not None and self.router_init not in ROUTER_INITS:
