@@ -14,7 +14,7 @@ EMBEDDED_NOTE = (
     "spectra describe the quantized matrices, not the original bf16 ones"
 )
 GGUF_NOTE = "GGUF weights may be quantized; they are dequantized on load and spectra describe the quantized matrices"
-SHAPE_METHODS = ("uniform", "mola-triangle", "mola-inverted", "mola-hourglass")
+SHAPE_METHODS = ("uniform", "mola-8642", "mola-2468", "mola-5555", "mola-8228")
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -33,18 +33,26 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_allocate_parser(sub: argparse._SubParsersAction) -> None:
-    from moe_lora_jax.allocation.allocate import ALPHALORA_DEFAULT_BETA, METHODS, ROUNDINGS
+    from moe_lora_jax.allocation.allocate import (
+        ALPHALORA_DEFAULT_BETA, ALPHALORA_DEFAULT_ROUNDING, ALPHALORA_DEFAULT_TOP_K, METHODS, ROUNDINGS,
+    )
     from moe_lora_jax.allocation.spectral import ESTIMATORS
     from moe_lora_jax.cli import MODEL_HELP
 
     p = sub.add_parser("allocate", help="per-layer expert counts: AlphaLoRA (from the spectra), uniform or a MoLA shape")
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--method", choices=METHODS, required=True)
+    # checked in run_allocate, not by argparse, so that an old shape name gets a one-line error naming its digits
+    p.add_argument("--method", metavar="{" + ",".join(METHODS) + "}", required=True,
+                   help="alphalora, uniform, or a MoLA shape by its digits, lowest layers first "
+                        "(mola-8642: MoLA's triangle, mola-2468: its inverted triangle)")
     p.add_argument("--total", type=int, required=True, help="experts summed over all layers (per target module)")
     p.add_argument("--beta", type=float, default=ALPHALORA_DEFAULT_BETA, help="AlphaLoRA's exponent: n_i ~ alpha_i ** beta")
     p.add_argument("--estimator", choices=ESTIMATORS, default="fix-finger", help="alphalora only: the Hill estimator")
-    p.add_argument("--rounding", choices=ROUNDINGS, default="largest-remainder",
-                   help="alphalora only: largest-remainder (monotone) or AlphaLoRA's own greedy rule")
+    p.add_argument("--rounding", choices=ROUNDINGS, default=ALPHALORA_DEFAULT_ROUNDING,
+                   help="alphalora only: alphalora (default: the authors' exponential_scaling) or largest-remainder (monotone)")
+    p.add_argument("--top-k", type=int, default=ALPHALORA_DEFAULT_TOP_K,
+                   help="alphalora only: each layer routes top-min(k, its experts), saved as top_k_per_layer "
+                        "(AlphaLoRA: 2, so a layer with one expert routes top-1)")
     p.add_argument("--min-experts", type=int, default=1, help="fewest experts any layer gets (at least 1)")
     p.add_argument("--max-experts", type=int, default=None, help="most experts any layer gets")
     p.add_argument("--json", required=True, help="output JSON file, readable by Allocation.from_json (must not exist)")
@@ -142,6 +150,15 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- allocate
 def _check_allocate_args(args: argparse.Namespace) -> None:
+    from moe_lora_jax.allocation.allocate import METHODS
+    from moe_lora_jax.allocation.allocation import LEGACY_SHAPE_NAMES, legacy_shape_error
+
+    if args.method in LEGACY_SHAPE_NAMES:
+        raise legacy_shape_error(args.method, "--method ")
+    if args.method not in METHODS:
+        raise MoeLoraError(f"--method {args.method!r}: choose from {', '.join(METHODS)}")
+    if args.top_k < 1:
+        raise MoeLoraError(f"--top-k={args.top_k}: give a positive number of experts per token")
     if not (math.isfinite(args.beta) and args.beta > 0):
         raise MoeLoraError(f"--beta={args.beta}: give a finite number > 0 (AlphaLoRA uses 2.5)")
     if args.total < 1:
@@ -160,11 +177,11 @@ def run_allocate(args: argparse.Namespace) -> int:
     provenance = {"model": label, "quantization_note": note}
     config = load_llama_config(resolve_model_path(args.model))  # the shapes need only the number of layers
     num_layers = config.num_hidden_layers
-    mola_shape("uniform", num_layers, args.total, **limits)  # a budget no layout can meet fails before the analysis
+    mola_shape("5555", num_layers, args.total, **limits)  # a budget no layout can meet fails before the analysis
     if args.method == "alphalora":
         _, fits, metric = _analyze(args.model, args.estimator)
         _print_alpha_table(fits, metric, f"PL_Alpha_Hill ({args.estimator}) of {label}", note)
-        alloc = allocate_alphalora(metric, args.total, args.beta, rounding=args.rounding, **limits,
+        alloc = allocate_alphalora(metric, args.total, args.beta, rounding=args.rounding, top_k=args.top_k, **limits,
                                    provenance={**provenance, "estimator": args.estimator})
     else:
         metric = None
@@ -180,11 +197,16 @@ def run_allocate(args: argparse.Namespace) -> int:
 
 def _print_counts(alloc: Any, metric: Sequence[float] | None) -> None:
     counts = alloc.experts_per_layer
+    top_k = alloc.top_k(alloc.modules[0])
     print(f"{alloc.method}: {sum(counts)} experts over {len(counts)} layers (per target module)")
-    print(f"{'layer':>5} {'experts':>7}" + (f" {'alpha':>7}" if metric is not None else ""))
+    print(f"{'layer':>5} {'experts':>7}" + (f" {'top_k':>5}" if top_k is not None else "")
+          + (f" {'alpha':>7}" if metric is not None else ""))
     for i, n in enumerate(counts):
-        print(f"{i:>5} {n:>7}" + (f" {_fmt(metric[i])}" if metric is not None else ""))
+        print(f"{i:>5} {n:>7}" + (f" {top_k[i]:>5}" if top_k is not None else "")
+              + (f" {_fmt(metric[i])}" if metric is not None else ""))
     print("experts_per_layer: " + ",".join(str(n) for n in counts))
+    if top_k is not None:
+        print("top_k_per_layer: " + ",".join(str(k) for k in top_k))
 
 
 # ----------------------------------------------------------------------------- plots
@@ -246,12 +268,12 @@ def plot_allocation(alloc: Any, path: str | Path, *, note: str | None = None) ->
     total = sum(counts)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.bar(layers, counts, color="tab:blue", alpha=0.6, label=f"{alloc.method} (T={total})")
-    for shape, style in (("uniform", ":"), ("triangle", "--"), ("inverted", "-."), ("hourglass", "-")):
+    for shape, style in (("5555", ":"), ("8642", "--"), ("2468", "-."), ("8228", "-")):
         try:
             ref = mola_shape(shape, len(counts), total)
         except MoeLoraError:  # a budget some shape cannot meet (e.g. below one per layer): skip that line
             continue
-        ax.step(layers, ref, where="mid", linestyle=style, linewidth=1.5, label=f"MoLA {shape}")
+        ax.step(layers, ref, where="mid", linestyle=style, linewidth=1.5, label=f"mola-{shape}")
     ax.set_xlabel("layer")
     ax.set_ylabel("experts")
     ax.yaxis.get_major_locator().set_params(integer=True)  # counts are whole numbers

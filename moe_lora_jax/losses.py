@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,20 @@ def _topk_onehot(probs: jax.Array, k: int) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=jnp.float32), axis=-2)
 
 
+def _stat_k(top_k: Any, stat: RouterStat, num_experts: int) -> int:
+    """Router `stat`'s top-k: `top_k` is one int for every router (capped by its expert count) or a
+    function (stat, num_experts) -> k, for per-layer top-k (MoLA / AlphaLoRA allocations)."""
+    return int(top_k(stat, num_experts)) if callable(top_k) else min(int(top_k), num_experts)
+
+
+def _layer_top_k(adapter_config: Any) -> Any:
+    """The top_k argument of the Switch terms: an int, or per router from the adapter's Allocation."""
+    ac = adapter_config
+    if ac.method == "mola" and ac.allocation is not None:
+        return lambda s, E: ac.layer_top_k(s.module.removesuffix("_proj"), s.layer, E)
+    return ac.top_k
+
+
 # ------------------------------------------------------------------ task loss
 def cross_entropy(logits_BxLxV: jax.Array, input_ids_BxL: jax.Array, loss_mask_BxL: jax.Array | None = None):
     """Causal-LM cross-entropy: position t predicts token t+1, counted where loss_mask[t+1] is set
@@ -88,25 +102,26 @@ def cross_entropy(logits_BxLxV: jax.Array, input_ids_BxL: jax.Array, loss_mask_B
 
 
 # ------------------------------------------------------------------ balance terms
-def switch_aux_mola(stats: list[RouterStat], top_k: int, mask_BxL: jax.Array | None = None):
+def switch_aux_mola(stats: list[RouterStat], top_k: int | Callable[[RouterStat, int], int], mask_BxL: jax.Array | None = None):
     """Switch aux in MoLA's form: per layer (the layer's routers with the same expert count
     concatenated as tokens), E * sum_i f_i P_i with f_i the share of top-k assignments
     that go to expert i and P_i the mean router probability; summed over layers."""
-    groups: dict[tuple[int, int], list[RouterStat]] = {}
+    groups: dict[tuple[int, int, int], list[RouterStat]] = {}
     for s in stats:
-        groups.setdefault((s.layer, s.logits.shape[-1]), []).append(s)
+        E = s.logits.shape[-1]
+        groups.setdefault((s.layer, E, _stat_k(top_k, s, E)), []).append(s)
     total = jnp.zeros((), jnp.float32)
-    for (_, E), group in sorted(groups.items()):
+    for (_, E, k), group in sorted(groups.items()):
         probs = jnp.concatenate([jax.nn.softmax(s.logits.reshape(-1, E).astype(jnp.float32), -1) for s in group])
         w = jnp.concatenate([_token_weights(s.logits, mask_BxL) for s in group])
-        sel = _topk_onehot(probs, min(top_k, E)) * w[:, None]
+        sel = _topk_onehot(probs, k) * w[:, None]
         f = jnp.sum(sel, 0) / jnp.maximum(jnp.sum(sel), _EPS)
         p = jnp.sum(probs * w[:, None], 0) / jnp.maximum(jnp.sum(w), _EPS)
         total = total + E * jnp.sum(f * p)
     return total, {"switch_aux": total}
 
 
-def switch_aux_mixtral(stats: list[RouterStat], top_k: int, mask_BxL: jax.Array | None = None):
+def switch_aux_mixtral(stats: list[RouterStat], top_k: int | Callable[[RouterStat, int], int], mask_BxL: jax.Array | None = None):
     """Switch aux in Mixtral's (transformers') form: all layers' tokens pooled, f_i = top-k
     assignments to i per token (sums to k), P_i mean probability, E * sum_i f_i P_i.
     Routers with different expert counts are pooled per count and the terms summed."""
@@ -115,10 +130,12 @@ def switch_aux_mixtral(stats: list[RouterStat], top_k: int, mask_BxL: jax.Array 
         groups.setdefault(s.logits.shape[-1], []).append(s)
     total = jnp.zeros((), jnp.float32)
     for E, group in sorted(groups.items()):
-        probs = jnp.concatenate([jax.nn.softmax(s.logits.reshape(-1, E).astype(jnp.float32), -1) for s in group])
+        probs_per = [jax.nn.softmax(s.logits.reshape(-1, E).astype(jnp.float32), -1) for s in group]
+        probs = jnp.concatenate(probs_per)
         w = jnp.concatenate([_token_weights(s.logits, mask_BxL) for s in group])
         n = jnp.maximum(jnp.sum(w), _EPS)
-        f = jnp.sum(_topk_onehot(probs, min(top_k, E)) * w[:, None], 0) / n
+        onehot = jnp.concatenate([_topk_onehot(p, _stat_k(top_k, s, E)) for p, s in zip(probs_per, group)])
+        f = jnp.sum(onehot * w[:, None], 0) / n
         p = jnp.sum(probs * w[:, None], 0) / n
         total = total + E * jnp.sum(f * p)
     return total, {"switch_aux": total}
@@ -311,7 +328,7 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
     terms = []
     if ac.resolved_switch_coef and stats:
         fn = switch_aux_mola if ac.resolved_switch_form == "mola" else switch_aux_mixtral
-        terms.append((ac.resolved_switch_coef, fn(stats, ac.top_k, attn)))
+        terms.append((ac.resolved_switch_coef, fn(stats, _layer_top_k(ac), attn)))
     if ac.importance_coef and stats:
         terms.append((ac.importance_coef, importance_cv2(stats, attn)))
     if ac.z_loss_coef and stats:

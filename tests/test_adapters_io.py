@@ -125,6 +125,7 @@ def test_mixlora_export_refuses_what_the_package_cannot_read(tmp_path, hf_base):
     for ac, message in [
         (AdapterConfig(method="mixlora", rank=2, dropout=0.0, num_experts=2, top_k=1), "refuses lora_dropout=0"),
         (AdapterConfig(method="mixlora", rank=2, alpha=2.5, dropout=0.05, num_experts=2, top_k=1), "integer lora_alpha"),
+        (AdapterConfig(method="mixlora", rank=2, dropout=0.05, num_experts=2, top_k=1), "renormalize='always'"),
     ]:
         with pytest.raises(MoeLoraError, match=message):
             save_adapter(tmp_path / "x", init_adapter(config, ac), ac, config, format="mixlora")
@@ -175,7 +176,7 @@ def test_native_format_round_trips_every_method(tmp_path, hf_base, method):
      "tensor layers_0/mlp/down_proj/lora_B has shape (4, 48) but this base model needs (4, 64)"),
     ("peft", AdapterConfig(method="lora", rank=4), dict(intermediate_size=80),
      "tensor layers_0/mlp/down_proj/lora_A has shape (70, 4) but this base model needs (80, 4)"),
-    ("mixlora", AdapterConfig(method="mixlora", rank=4, dropout=0.05, num_experts=2, top_k=1),
+    ("mixlora", AdapterConfig(method="mixlora", rank=4, dropout=0.05, num_experts=2, top_k=1, renormalize="always"),
      dict(intermediate_size=80), "tensor layers_0/mlp/down_proj/lora_A has shape (2, 70, 4) but this base model needs (2, 80, 4)"),
     ("native", AdapterConfig(method="lora", rank=4), dict(num_hidden_layers=3),
      "lacks the tensor layers_2/"),

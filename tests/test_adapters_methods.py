@@ -235,7 +235,7 @@ def test_bad_config_is_one_clear_error(kwargs, message):
     "kwargs, message",
     [
         (dict(method="lora", rank=49), "rank=49 is larger than the q_proj linear"),
-        (dict(method="mola", top_k=3, allocation=dict(q=(2, 4))), "top_k=3 is larger than the 2 experts of q in layer 0"),
+        (dict(method="mola", top_k=5, num_experts=4), "top_k=5 is larger than the 4 experts of q in layer 0"),
         (dict(method="mola", top_k=1, allocation=dict(q=(2, 4, 4))), "covers 3 layers but the model has 2"),
         (dict(method="mola", top_k=1, allocation=dict(q=(2, 0))), "layer 1 of q 0 experts"),
     ],

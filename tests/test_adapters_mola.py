@@ -12,8 +12,12 @@ from moe_lora_jax.losses import router_stats
 from moe_lora_jax.model import TargetLinear
 
 
-def mola_linear_torch(x, W, A, B, R, top_k, scale):
-    """MoLA's Linear_MoE.forward (eval, no dropout), with weights stored [in, out]."""
+def mola_linear_torch(x, W, A, B, R, top_k, scale, divide_at_top1=True):
+    """MoLA's Linear_MoE.forward (eval, no dropout), with weights stored [in, out].
+
+    MoLA divides the top-k weights by their sum at every k; at k = 1 that makes the gate exactly 1
+    (the library's renormalize="always"). divide_at_top1=False keeps the probability at k = 1
+    (Switch), the library's default (docs/methods.md, Routing)."""
     import torch
     import torch.nn.functional as F
 
@@ -23,7 +27,8 @@ def mola_linear_torch(x, W, A, B, R, top_k, scale):
     logits = flat @ R
     weights = F.softmax(logits, dim=1, dtype=torch.float)
     weights, selected = torch.topk(weights, top_k, dim=-1)
-    weights /= weights.sum(dim=-1, keepdim=True)
+    if top_k > 1 or divide_at_top1:
+        weights /= weights.sum(dim=-1, keepdim=True)
     mask = F.one_hot(selected, num_classes=A.shape[0]).permute(2, 1, 0)
     final = torch.zeros((b * l, W.shape[1]), dtype=x.dtype)
     for e in range(A.shape[0]):
@@ -50,7 +55,13 @@ def test_mola_dense_form_matches_expert_loop(experts, top_k):
     lin = TargetLinear(O, "q", ("embed", "heads"), layer=0, adapter_config=ac, num_experts=experts)
     variables = {"params": {"kernel": W}, "adapter": {"lora_A": A, "lora_B": B, "router": R}}
     ours, state = lin.apply(variables, jnp.asarray(x), mutable=["intermediates"])
-    ref, ref_logits = mola_linear_torch(*(torch.tensor(a) for a in (x, W, A, B, R)), top_k, ac.scale)
+    ref, ref_logits = mola_linear_torch(*(torch.tensor(a) for a in (x, W, A, B, R)), top_k, ac.scale, False)
     assert np.abs(np.asarray(ours) - ref.numpy()).max() <= 1e-5
+    # MoLA's code as written: renormalised also at top-1
+    literal = TargetLinear(O, "q", ("embed", "heads"), layer=0, adapter_config=ac.replace(renormalize="always"),
+                           num_experts=experts).apply(variables, jnp.asarray(x))
+    ref_literal, _ = mola_linear_torch(*(torch.tensor(a) for a in (x, W, A, B, R)), top_k, ac.scale)
+    assert np.abs(np.asarray(literal) - ref_literal.numpy()).max() <= 1e-5
+    assert (np.abs(ref_literal.numpy() - ref.numpy()).max() > 1e-3) == (top_k == 1)
     (stat,) = router_stats(state)
     assert np.abs(np.asarray(stat.logits).reshape(-1, experts) - ref_logits.numpy()).max() <= 1e-5

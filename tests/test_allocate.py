@@ -19,12 +19,13 @@ from moe_lora_jax.allocation import (
 )
 from moe_lora_jax.errors import MoeLoraError
 
-# MoLA's published lists for 32 layers and 160 experts (8 layers per group).
+# MoLA's published lists for 32 layers and 160 experts (8 layers per group), by the shapes' digits
+# (lowest layers first): 2468 is MoLA's inverted triangle, 8642 its triangle.
 MOLA_32 = {
-    "inverted": [2] * 8 + [4] * 8 + [6] * 8 + [8] * 8,
-    "triangle": [8] * 8 + [6] * 8 + [4] * 8 + [2] * 8,
-    "hourglass": [8] * 8 + [2] * 8 + [2] * 8 + [8] * 8,
-    "uniform": [5] * 32,
+    "2468": [2] * 8 + [4] * 8 + [6] * 8 + [8] * 8,
+    "8642": [8] * 8 + [6] * 8 + [4] * 8 + [2] * 8,
+    "8228": [8] * 8 + [2] * 8 + [2] * 8 + [8] * 8,
+    "5555": [5] * 32,
 }
 
 
@@ -74,20 +75,63 @@ def test_alphalora_mapping_respects_max_experts():
     assert list(counts) == sorted(counts)
 
 
+def expert_number_reference(values, target_sum: int, exponent: float) -> tuple[np.ndarray, int]:
+    """A numpy transcription of `exponential_scaling` in peijunallin/alphalora expert_number.py.
+
+    The quotas v**beta / sum(v**beta) * T are rounded half to even; then, while the sum is short
+    (over), one expert is added at (taken from) the layer where v**beta - n is smallest (largest):
+    the unnormalised powers are compared with the counts. Returns (counts, adjustment steps).
+    The script then prints top_k = 2 for a layer with more than one expert, else 1.
+    """
+    powered = np.power(np.asarray(values, dtype=np.float64), exponent)
+    counts = np.round(powered / powered.sum() * target_sum).astype(int)
+    steps = 0
+    while counts.sum() != target_sum:
+        gap = powered - counts
+        if counts.sum() < target_sum:
+            counts[np.argmin(gap)] += 1
+        else:
+            counts[np.argmax(gap)] -= 1
+        steps += 1
+    return counts, steps
+
+
 def test_alphalora_rounding_reproduces_expert_number_py():
     """AlphaLoRA's own rule: np.round of the quotas, then +-1 at argmin/argmax(v**beta - n)."""
     values = np.array([2.3, 2.9, 3.4, 2.1, 4.2, 3.0, 2.7])
-    total, beta = 40, 2.5
-    powers = values**beta
-    expected = np.round(powers / powers.sum() * total).astype(int)
-    while expected.sum() != total:
-        if total > expected.sum():
-            expected[np.argmin(powers - expected)] += 1
-        else:
-            expected[np.argmax(powers - expected)] -= 1
-    got = scale_to_total(values, total, beta, rounding="alphalora")
+    expected, _ = expert_number_reference(values, 40, 2.5)
+    got = scale_to_total(values, 40, 2.5, rounding="alphalora")
     assert list(got) == expected.tolist()
-    assert sum(got) == total
+    assert sum(got) == 40
+
+
+def test_allocate_alphalora_defaults_to_the_authors_rounding_and_top_k():
+    """32 layers, T = 160, beta = 2.5 (expert_number.py's defaults): 25 random alpha vectors."""
+    rng = np.random.default_rng(2024)
+    adjusted = differs_from_largest_remainder = 0
+    for case in range(25):
+        values = rng.uniform(2.0, 5.0, 32)
+        if case % 5 == 0:
+            values[8:16] = values[8]  # ties: np.argmin/argmax take the first index
+        expected, steps = expert_number_reference(values, 160, 2.5)
+        assert expected.min() >= 1  # every layer can be built: the library must give exactly these counts
+        alloc = allocate_alphalora(values, 160)
+        assert alloc.experts_per_layer == expected.tolist(), case
+        assert alloc.top_k("q") == tuple(2 if n > 1 else 1 for n in expected)
+        assert alloc.provenance["rounding"] == "alphalora"
+        adjusted += steps > 0
+        lr = allocate_alphalora(values, 160, rounding="largest-remainder")  # still an option
+        assert lr.experts_per_layer == list(scale_to_total(values, 160, 2.5)) and lr.total() == 160
+        differs_from_largest_remainder += lr.experts_per_layer != alloc.experts_per_layer
+    assert adjusted >= 15 and differs_from_largest_remainder >= 10  # the greedy step is exercised
+
+
+def test_alphalora_rounding_keeps_bounds_where_the_reference_gives_zero():
+    values = [1.0] * 4 + [10.0] * 4  # quotas 0.009 and 2.99
+    expected, _ = expert_number_reference(values, 12, 2.5)
+    assert expected.tolist() == [0] * 4 + [3] * 4  # a layer without experts cannot be built
+    assert allocate_alphalora(values, 12).experts_per_layer == [1] * 4 + [2] * 4  # min_experts=1, re-scaled
+    assert allocate_alphalora(values, 12, top_k=2).top_k("q") == (1,) * 4 + (2,) * 4
 
 
 def test_allocate_alphalora_records_provenance():
@@ -112,7 +156,7 @@ def test_mola_shapes_other_layer_counts(shape, num_layers, total):
     counts = mola_shape(shape, num_layers, total)
     assert len(counts) == num_layers and sum(counts) == total and min(counts) >= 1
     groups = np.array_split(np.arange(num_layers), 4)
-    digits = {"inverted": (2, 4, 6, 8), "triangle": (8, 6, 4, 2), "hourglass": (8, 2, 2, 8), "uniform": (5,) * 4}[shape]
+    digits = tuple(int(d) for d in shape)
     means = [np.mean([counts[i] for i in g]) for g in groups if len(g)]
     # a group with a larger digit never gets fewer experts per layer on average
     for a in range(len(means)):
@@ -125,17 +169,33 @@ def test_mola_shape_for_smollm2_budget():
     # 30 layers (SmolLM2), 150 experts: groups of 8, 8, 7, 7 layers
     # weights 2, 4, 6, 8 sum to 146, so quotas are 150/146 x digit: floors give 146 and the 4 left over go to
     # the largest remainders (digit 8: 8.22), lowest layers first
-    assert list(mola_shape("inverted", 30, 150)) == [2] * 8 + [4] * 8 + [6] * 7 + [9] * 4 + [8] * 3
+    assert list(mola_shape("2468", 30, 150)) == [2] * 8 + [4] * 8 + [6] * 7 + [9] * 4 + [8] * 3
     assert uniform_counts(30, 150) == (5,) * 30
     assert uniform_counts(4, 10) == (3, 3, 2, 2)
 
 
 def test_allocate_shape_methods():
-    for method, shape in [("uniform", "uniform"), ("mola-triangle", "triangle"), ("mola-inverted", "inverted"),
-                          ("mola-hourglass", "hourglass")]:
+    for method, shape in [("uniform", "5555"), ("mola-8642", "8642"), ("mola-2468", "2468"), ("mola-8228", "8228"),
+                          ("mola-5555", "5555")]:
         alloc = allocate_shape(method, 32, 160)
         assert alloc.experts_per_layer == MOLA_32[shape]
-        assert alloc.method == method and alloc.total() == 160
+        assert alloc.method == method and alloc.total() == 160 and alloc.provenance["shape"] == shape
+        assert alloc.top_k("q") is None  # MoLA's shapes route the adapter's top_k (capped per layer)
+
+
+@pytest.mark.parametrize("old, digits", [("mola-triangle", "mola-8642"), ("mola-inverted", "mola-2468"),
+                                         ("mola-hourglass", "mola-8228"), ("mola-uniform", "mola-5555")])
+def test_old_shape_names_are_refused_naming_the_digits(old, digits):
+    msg = _one_line_error(allocate_shape, old, 32, 160, match="old, ambiguous MoLA shape name")
+    assert repr(digits) in msg
+    if old != "mola-uniform":  # a bare "uniform" is unambiguous and stays
+        _one_line_error(mola_shape, old.removeprefix("mola-"), 32, 160, match=repr(digits.removeprefix("mola-")))
+    # an allocation file with an old name is read by the digits it recorded, refused without them
+    d = allocate_shape(digits, 8, 40).to_dict()
+    d["method"] = old
+    assert Allocation.from_dict(d).method == digits
+    del d["provenance"]["shape"]
+    _one_line_error(Allocation.from_dict, d, match=repr(digits))
 
 
 # ----------------------------------------------------------------------------- Allocation JSON
@@ -159,6 +219,38 @@ def test_allocation_json_per_module_counts_and_hash(tmp_path):
     assert back.counts("q") == (1, 2) and back.counts("v") == (3, 1)
     assert not back.uniform_across_modules
     assert {alloc: 1}[back] == 1  # usable as a static jit argument / dict key
+
+
+def test_top_k_per_layer_json_round_trip_and_old_files(tmp_path):
+    alloc = allocate_alphalora([2.0, 3.0, 9.0], 9, beta=1.0)
+    assert alloc.experts_per_layer == [1, 2, 6]  # quotas 9 * v / 14 = 1.29, 1.93, 5.79, rounded
+    on_disk = json.loads(alloc.to_json(tmp_path / "a.json").read_text())
+    assert on_disk["top_k_per_layer"] == [min(2, n) for n in alloc.experts_per_layer]
+    back = Allocation.from_json(tmp_path / "a.json")
+    assert back == alloc and hash(back) == hash(alloc) and back.top_k("v") == alloc.top_k("v")
+    # the top-k changes the computation: it is part of equality and hash
+    assert alloc.with_top_k(None) != alloc and alloc.with_top_k(None).counts("q") == alloc.counts("q")
+    assert allocate_alphalora([2.0, 3.0, 9.0], 9, beta=1.0, top_k=None).top_k("q") is None
+    # per module when the modules differ
+    per_module = Allocation.from_counts({"q": [1, 3], "v": [2, 2]}, top_k_per_layer={"q": [1, 2], "v": [2, 1]})
+    d = json.loads(per_module.to_json(tmp_path / "m.json").read_text())
+    assert d["top_k_per_layer"] == {"q": [1, 2], "v": [2, 1]}
+    assert Allocation.from_json(tmp_path / "m.json").top_k("v") == (2, 1)
+    # a file written before per-layer top-k existed: no key, top-k left to the adapter
+    del d["top_k_per_layer"]
+    assert Allocation.from_dict(d).top_k("q") is None and Allocation.from_dict(d).counts("q") == (1, 3)
+
+
+def test_top_k_per_layer_bad_input():
+    _one_line_error(Allocation.from_counts, {"q": [1, 3]}, top_k_per_layer=[2, 2], match="layer 0 routes top-2 but that layer has 1")
+    _one_line_error(Allocation.from_counts, {"q": [2, 3]}, top_k_per_layer=[2], match="1 values for 2 layers")
+    _one_line_error(Allocation.from_counts, {"q": [2, 3], "v": [2, 2]}, top_k_per_layer={"q": [1, 1]},
+                    match="nothing for v")
+    _one_line_error(Allocation.from_counts, {"q": [2, 3]}, top_k_per_layer={"k": [1, 1], "q": [1, 1]}, match="names")
+    _one_line_error(Allocation.from_counts, {"q": [2, 3]}, top_k_per_layer=[0, 1], match="at least one")
+    d = Allocation.from_counts({"q": [2, 3]}).to_dict()
+    d["top_k_per_layer"] = [3, 1]
+    _one_line_error(Allocation.from_dict, d, source="x.json", match="^x.json: top_k_per_layer of q in layer 0")
 
 
 def test_allocation_json_never_overwrites(tmp_path):
@@ -187,7 +279,7 @@ def _one_line_error(fn, *args, match: str, **kwargs) -> str:
 def test_total_below_layers_times_minimum():
     msg = _one_line_error(scale_to_total, [2.0, 3.0, 4.0], 5, 2.5, min_experts=2, match="at least 2 each")
     assert "--total 6" in msg
-    _one_line_error(mola_shape, "triangle", 32, 31, match="at least 1 each")
+    _one_line_error(mola_shape, "8642", 32, 31, match="at least 1 each")
     _one_line_error(allocate_alphalora, [2.0] * 30, 29, match="--total 30")
 
 

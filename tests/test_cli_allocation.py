@@ -66,7 +66,10 @@ def test_allocate_alphalora_uses_the_analysis(analysis, tmp_path, capsys):
     saved = json.loads(out.read_text())
     metric = [layer["alpha"] for layer in doc["layers"]]
     assert saved["provenance"]["layer_metric"] == pytest.approx(metric, rel=1e-12)
-    assert saved["experts_per_layer"] == list(scale_to_total(metric, 160, 2.5))
+    # the authors' rounding by default, and their top_k: 2 if a layer has more than one expert, else 1
+    assert saved["experts_per_layer"] == list(scale_to_total(metric, 160, 2.5, rounding="alphalora"))
+    assert saved["top_k_per_layer"] == [2 if n > 1 else 1 for n in saved["experts_per_layer"]]
+    assert saved["provenance"]["rounding"] == "alphalora"
     assert sum(saved["experts_per_layer"]) == 160 and min(saved["experts_per_layer"]) >= 1
     assert saved["provenance"]["beta"] == 2.5 and saved["provenance"]["estimator"] == "fix-finger"
     assert "4-bit" in saved["provenance"]["quantization_note"]
@@ -75,8 +78,8 @@ def test_allocate_alphalora_uses_the_analysis(analysis, tmp_path, capsys):
     assert (tmp_path / "alloc.png").read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("method,shape", [("mola-inverted", "inverted"), ("mola-hourglass", "hourglass"),
-                                          ("mola-triangle", "triangle"), ("uniform", "uniform")])
+@pytest.mark.parametrize("method,shape", [("mola-2468", "2468"), ("mola-8228", "8228"), ("mola-8642", "8642"),
+                                          ("mola-5555", "5555"), ("uniform", "5555")])
 def test_allocate_shapes(method, shape, tmp_path, capsys):
     out = tmp_path / "s.json"
     assert main(["allocate", "--method", method, "--total", "120", "--json", str(out)]) == 0
@@ -94,6 +97,10 @@ def test_allocate_shapes(method, shape, tmp_path, capsys):
         (["allocate", "--method", "alphalora", "--total", "90", "--beta", "0"], "--beta=0.0"),
         (["allocate", "--method", "alphalora", "--total", "90", "--beta", "nan"], "--beta=nan"),
         (["allocate", "--method", "uniform", "--total", "90", "--min-experts", "4"], "at least 4 each"),
+        (["allocate", "--method", "mola-triangle", "--total", "90"], "old, ambiguous MoLA shape name"),
+        (["allocate", "--method", "mola-inverted", "--total", "90"], "'mola-2468' is MoLA's inverted triangle"),
+        (["allocate", "--method", "mola-diamond", "--total", "90"], "choose from alphalora, uniform, mola-8642"),
+        (["allocate", "--method", "alphalora", "--total", "90", "--top-k", "0"], "--top-k=0"),
         (["analyze", "--plot", "x.jpg"], "give a .png file name"),
         (["analyze", "--model", "/nonexistent/model"], "does not exist"),
     ],

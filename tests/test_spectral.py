@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,9 +70,15 @@ def tempbalance_median(eigs: np.ndarray) -> float:
     return float(1 + n / (np.sum(np.log(eigs[i:])) - n * np.log(eigs[i])))
 
 
-def test_fix_finger_matches_alphalora_on_all_matrices(eigs64):
+@pytest.fixture(scope="module")
+def fix_finger64(eigs64):
+    """(keys, fits) of AlphaLoRA's estimator on all 210 float64 ESDs."""
     keys = list(eigs64)
-    ours = fit_esds([eigs64[k] for k in keys], HillOptions("fix-finger"), dtype="float64")
+    return keys, fit_esds([eigs64[k] for k in keys], HillOptions("fix-finger"), dtype="float64")
+
+
+def test_fix_finger_matches_alphalora_on_all_matrices(eigs64, fix_finger64):
+    keys, ours = fix_finger64
     worst = 0.0
     for k, fit in zip(keys, ours):
         ref = alphalora_fix_finger(eigs64[k])
@@ -93,6 +100,43 @@ def test_fix_finger_end_to_end_against_numpy_svd(matrices):
         worst32 = max(worst32, abs(f32.alpha - ref) / ref)
     assert worst64 < 1e-6, worst64
     assert worst32 < 1e-4, worst32  # the float32 default: same xmin, round-off only
+
+
+def test_alphalora_allocation_of_the_embedded_model_matches_expert_number_py(fix_finger64):
+    """AlphaLoRA's allocation of SmolLM2 (per-layer mean alpha, beta 2.5): the library's default
+    rounding and top-k against the transcription of expert_number.py, at the quickstart's budget
+    and at AlphaLoRA's 160."""
+    from test_allocate import expert_number_reference
+
+    from moe_lora_jax.allocation import allocate_alphalora
+
+    keys, fits = fix_finger64
+    metric = [float(np.mean([f["alpha"] for k, f in zip(keys, fits) if k[0] == layer])) for layer in range(30)]
+    for total in (90, 160):
+        expected, _ = expert_number_reference(metric, total, 2.5)
+        alloc = allocate_alphalora(metric, total)
+        assert alloc.experts_per_layer == expected.tolist()
+        assert alloc.top_k("q") == tuple(2 if n > 1 else 1 for n in expected)
+    assert 1 in allocate_alphalora(metric, 90).experts_per_layer  # the quickstart budget has top-1 layers
+
+
+def test_quickstart_adapter_resolves_on_the_embedded_model(smollm2, fix_finger64, monkeypatch):
+    """The quickstart's adapter section (AlphaLoRA recipe, no min_experts) builds on SmolLM2: layers the
+    authors' rounding gives one expert route top-1. The spectra are the fixture's (not re-analysed)."""
+    import moe_lora_jax.allocation as allocation
+    from moe_lora_jax.train.config import load_config
+    from moe_lora_jax.train.loop import adapter_config_from
+
+    keys, fits = fix_finger64
+    metric = [float(np.mean([f["alpha"] for k, f in zip(keys, fits) if k[0] == layer])) for layer in range(30)]
+    monkeypatch.setattr(allocation, "analyze_params", lambda *a, **k: None)
+    monkeypatch.setattr(allocation, "layer_metric", lambda fits, num_layers: metric)
+    raw = load_config(Path(__file__).resolve().parent.parent / "experiments" / "configs" / "quickstart.yaml").adapter
+    assert "min_experts" not in raw["allocation"]
+    ac = adapter_config_from(raw, None, smollm2[0])  # validates against the model
+    counts = ac.allocation.counts("q")
+    assert sum(counts) == 90 and 1 in counts and ac.allocation.method == "alphalora"
+    assert [ac.layer_top_k("v", i, n) for i, n in enumerate(counts)] == [1 if n == 1 else 2 for n in counts]
 
 
 def test_median_matches_tempbalance(eigs64):

@@ -78,8 +78,8 @@ def test_adapter_section_is_free_form():
     assert c.adapter["top_k"] == 1
     assert c.adapter["router"] == {"jitter": 0.01}
     assert c.adapter["target_modules"] == ["q", "k"]
-    assert c.adapter["allocation"] == {"method": "alphalora", "total": 60, "beta": 2.5, "min_experts": 2,
-                                       "estimator": "fix-finger"}  # the file's recipe, one key overridden
+    assert c.adapter["allocation"] == {"method": "alphalora", "total": 60, "beta": 2.5, "estimator": "fix-finger",
+                                       "rounding": "alphalora"}  # the file's recipe, one key overridden
 
 
 def test_unknown_keys_name_the_key_and_the_valid_ones(tmp_path):

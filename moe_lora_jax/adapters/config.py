@@ -27,6 +27,7 @@ CONTRASTIVE_METHODS = ("molora", "mola", "loramoe", "mixlora")  # methods whose 
 ROUTER_INITS = ("kaiming", "normal")
 LORA_INITS = ("kaiming", "normal")  # LoRA A: torch nn.Linear's kaiming-uniform (PEFT) or normal(0.02) (MoV paper's code)
 MOV_ROUTINGS = ("head", "token")  # MoV on k/v: per attention head (reference MoVAttention) or once per token
+RENORMALIZE = (True, False, "always")  # True: when k > 1; "always": also at top-1 (gate 1, the references' code)
 
 # Method defaults for the fields that are `None` in a user's config.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -52,9 +53,13 @@ class AdapterConfig:
       rank, alpha, dropout: LoRA rank r, scale alpha/r (alpha/sqrt(r) with `use_rslora`), dropout on the LoRA input.
       target_modules: linears that get adapters (q k v o gate up down; for mov: k, v, ffn). None: method default.
       num_experts: experts per target (molora, mov, loramoe, mixlora) when `allocation` is None.
-      top_k: experts selected per token (mola, mixlora) or LoRA modules per prompt (milora).
+      top_k: experts selected per token (mola, mixlora) or LoRA modules per prompt (milora). With an
+        Allocation, a layer routes the Allocation's per-layer top-k where it has one, else min(top_k, its experts).
       allocation: per-layer expert counts per module (mola / AlphaLoRA); None means `num_experts` everywhere.
-      renormalize: renormalise the top-k probabilities to sum to 1.
+      renormalize: renormalise the top-k probabilities to sum to 1 when k > 1 (True). At k = 1 the gate is the
+        router probability (Switch): a gate of exactly 1 would give the router no gradient from the task loss.
+        "always": renormalise at k = 1 too (gate 1), as the reference code of MoLA and the mixlora package does;
+        False: never renormalise.
       router_init: "kaiming" (uniform, bound 1/sqrt(fan_in), like torch's nn.Linear) or "normal" (std router_init_range).
       router_jitter: multiplicative uniform noise on router inputs while training (Switch/MixLoRA jitter).
       loramoe_delta: the localized balancing constraint's delta (LoRAMoE's blc_alpha).
@@ -82,7 +87,7 @@ class AdapterConfig:
     top_k: int = 2
     allocation: Any = None
     use_rslora: bool = False
-    renormalize: bool = True
+    renormalize: bool | str = True
     router_init: str | None = None
     router_init_range: float = 0.02
     router_jitter: float = 0.0
@@ -123,6 +128,10 @@ class AdapterConfig:
             raise MoeLoraError(f"num_experts={self.num_experts} must be positive")
         if self.top_k <= 0:
             raise MoeLoraError(f"top_k={self.top_k} must be positive")
+        if self.renormalize not in RENORMALIZE or isinstance(self.renormalize, int) and not isinstance(self.renormalize, bool):
+            raise MoeLoraError(f"renormalize={self.renormalize!r}: use true (when k > 1), false or 'always' (also at top-1)")
+        if self.renormalize != "always":  # numpy bools become plain ones: the gates test `is True`
+            object.__setattr__(self, "renormalize", bool(self.renormalize))
         if self.milora_pooling not in POOLINGS:
             raise MoeLoraError(f"milora_pooling={self.milora_pooling!r}: use one of {', '.join(POOLINGS)}")
         if self.router_init is not None and self.router_init not in ROUTER_INITS:
@@ -195,6 +204,16 @@ class AdapterConfig:
             return (self.num_experts,) * num_layers
         return tuple(int(c) for c in self.allocation.counts(module))
 
+    def layer_top_k(self, module: str, layer: int, num_experts: int) -> int:
+        """Experts each token is routed to in `layer` of `module`: the Allocation's per-layer top-k where it
+        has one, else top_k capped by the layer's expert count (AlphaLoRA's rule: one expert routes top-1)."""
+        if self.allocation is not None and self.method != "mixlora":
+            per_module = getattr(self.allocation, "top_k", None)
+            per_layer = per_module(module) if callable(per_module) else None
+            if per_layer is not None:
+                return int(per_layer[layer])
+        return min(self.top_k, num_experts)
+
     def replace(self, **changes: Any) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
 
@@ -231,7 +250,9 @@ class AdapterConfig:
                         raise MoeLoraError(
                             f"the Allocation gives layer {i} of {m} {c} experts: every layer needs at least one expert"
                         )
-                    if self.method in ("mola", "mixlora") and self.top_k > c:
+                    # with an Allocation each layer routes top-min(top_k, c) (or the Allocation's own top-k)
+                    capped = self.method == "mola" and self.allocation is not None
+                    if self.method in ("mola", "mixlora") and self.top_k > c and not capped:
                         raise MoeLoraError(
                             f"top_k={self.top_k} is larger than the {c} experts of {m} in layer {i}: lower top_k or give that layer more experts"
                         )

@@ -146,6 +146,9 @@ def _save_mixlora(out_dir, adapter, ac: AdapterConfig, model_config, base_name: 
         raise MoeLoraError("the mixlora package refuses lora_dropout=0: set AdapterConfig.dropout > 0 (e.g. 0.05)")
     if float(ac.alpha) != int(ac.alpha):  # mixlora's config check asserts an int lora_alpha
         raise MoeLoraError(f"the mixlora package needs an integer lora_alpha, not {ac.alpha}: use a whole-number alpha")
+    if ac.top_k == 1 and ac.renormalize != "always":  # the package divides by the sum at k = 1: its gate is 1
+        raise MoeLoraError("the mixlora package gates a top-1 expert by 1, this adapter by its router probability: "
+                           "train it with renormalize='always' to export it in the mixlora format, or save it as native")
     import torch
 
     weights = {}
@@ -309,6 +312,8 @@ def _load_mixlora(d: Path, meta: Mapping[str, Any]):
         target_modules=targets,
         num_experts=E,
         top_k=int(meta.get("top_k", 2)),
+        # the package divides the top-k weights by their sum at every k (at top-1 its gate is 1)
+        renormalize="always" if int(meta.get("top_k", 2)) == 1 else True,
         router_jitter=float(meta.get("jitter_noise", 0.0)),
         router_init_range=float(meta.get("router_init_range", 0.02)),
         switch_coef=float(meta.get("router_aux_loss_coef", 0.001)),

@@ -102,12 +102,22 @@ def jitter(mdl: nn.Module, x: jax.Array, amount: float, deterministic: bool) -> 
     return x * noise
 
 
-def topk_gates(probs: jax.Array, k: int, renormalize: bool = True) -> jax.Array:
-    """Keep the k largest probabilities (exactly k non-zero), renormalised to sum to 1."""
+def renormalizes(renormalize: bool | str, k: int) -> bool:
+    """Whether top-k gates are divided by their sum: True renormalises when k > 1, "always" also at k = 1."""
+    return renormalize == "always" or (renormalize is True and k > 1)
+
+
+def topk_gates(probs: jax.Array, k: int, renormalize: bool | str = True) -> jax.Array:
+    """Keep the k largest probabilities (exactly k non-zero), renormalised to sum to 1 when k > 1.
+
+    At k = 1 the gate stays the router probability, as in Switch: renormalised it would be exactly
+    1 and the router would get no gradient from the task loss (only from balance terms);
+    renormalize="always" does that anyway (the references' code).
+    """
     _, idx = jax.lax.top_k(probs, k)
     mask = jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=probs.dtype), axis=-2)
     gates = probs * mask
-    if renormalize:
+    if renormalizes(renormalize, k):
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     return gates
 
@@ -248,7 +258,8 @@ def mixlora_ffn(mdl: nn.Module, x_BxLxD: jax.Array, config: Any, cfg: AdapterCon
     logits = jnp.dot(x32, router_w, precision=jax.lax.Precision.HIGHEST)
     probs = jax.nn.softmax(logits, axis=-1)
     top_p, top_i = jax.lax.top_k(probs, k)  # [T, k]
-    weights = top_p / jnp.sum(top_p, axis=-1, keepdims=True) if cfg.renormalize else top_p
+    # top-1 keeps the probability (Switch; MoE-PEFT's mixlora-switch): a renormalised gate of 1 has no router gradient
+    weights = top_p / jnp.sum(top_p, axis=-1, keepdims=True) if renormalizes(cfg.renormalize, k) else top_p
     mdl.sow("intermediates", "router_logits", logits.reshape(B, L, E))
     mdl.sow("intermediates", "router_gates",
             jnp.sum(jax.nn.one_hot(top_i, E, dtype=weights.dtype) * weights[..., None], axis=-2).reshape(B, L, E))

@@ -3,11 +3,15 @@
 * AlphaLoRA (Qing et al. 2024): n_i proportional to v_i ** beta, scaled to a total
   T, rounded, then adjusted so the counts add up to T exactly. v_i is the layer's
   mean PL_Alpha_Hill: a larger alpha (a less well-trained layer) gets more experts.
-* MoLA (Gao et al. 2024) shapes: the layers are cut into four contiguous groups,
-  lowest layers first, and the groups get experts in the ratio of the shape's
-  digits: 2468 ("inverted": more experts in higher layers), 8642 ("triangle"),
-  8228 ("hourglass"), 5555 ("uniform"). With 32 layers and T = 160 this gives
-  MoLA's own lists exactly (e.g. 2468: layers 1-8 two experts, ..., 25-32 eight).
+  By default the rounding is the authors' (`exponential_scaling` in expert_number.py),
+  and each layer routes top-min(2, n_i), as that script prints.
+* MoLA (Gao et al. 2024) shapes, named by their digits: the layers are cut into four
+  contiguous groups, lowest layers first, and the groups get experts in the ratio of
+  the digits: 2468 (MoLA's "inverted triangle": more experts in higher layers), 8642
+  (MoLA's "triangle"), 8228 (hourglass), 5555 (uniform). With 32 layers and T = 160
+  this gives MoLA's own lists exactly (2468: layers 1-8 two experts, ..., 25-32 eight).
+  The old names (mola-triangle, ...) are refused: AlphaLoRA's explainer calls 2468
+  the triangle, MoLA calls it the inverted one.
 
 All functions return plain tuples of ints; `allocate_*` wrap them in an
 `Allocation` with their provenance.
@@ -21,18 +25,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from moe_lora_jax.allocation.allocation import ALL_MODULES, Allocation
+from moe_lora_jax.allocation.allocation import ALL_MODULES, LEGACY_SHAPE_NAMES, Allocation, legacy_shape_error
 from moe_lora_jax.errors import MoeLoraError
 
-ROUNDINGS = ("largest-remainder", "alphalora")
+ROUNDINGS = ("alphalora", "largest-remainder")
+ALPHALORA_DEFAULT_ROUNDING = "alphalora"  # the authors' exponential_scaling
 MOLA_SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "uniform": (5, 5, 5, 5),
-    "triangle": (8, 6, 4, 2),
-    "inverted": (2, 4, 6, 8),
-    "hourglass": (8, 2, 2, 8),
+    "5555": (5, 5, 5, 5),
+    "8642": (8, 6, 4, 2),
+    "2468": (2, 4, 6, 8),
+    "8228": (8, 2, 2, 8),
 }
 ALPHALORA_DEFAULT_BETA = 2.5  # expert_number.py's --beta default
-METHODS = ("alphalora", "uniform", "mola-triangle", "mola-inverted", "mola-hourglass")
+ALPHALORA_DEFAULT_TOP_K = 2  # expert_number.py: top_k = 2 if n > 1 else 1
+METHODS = ("alphalora", "uniform", "mola-8642", "mola-2468", "mola-5555", "mola-8228")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -143,16 +149,28 @@ def _largest_remainder(q: np.ndarray, values: np.ndarray, total: int, lo: int, h
     return base
 
 
+def _alphalora_unbounded(powers: np.ndarray, total: int) -> np.ndarray:
+    """AlphaLoRA's `exponential_scaling` (expert_number.py) exactly: no bounds, counts may be 0."""
+    n = np.round(powers / powers.sum() * total).astype(np.int64)
+    while int(n.sum()) != total:  # each step moves the sum one towards total
+        if total > n.sum():
+            n[int(np.argmin(powers - n))] += 1
+        else:
+            n[int(np.argmax(powers - n))] -= 1
+    return n
+
+
 def _alphalora_greedy(q: np.ndarray, powers: np.ndarray, total: int, lo: int, hi: int | None) -> np.ndarray:
-    """AlphaLoRA's own adjustment (expert_number.py, `exponential_scaling`).
+    """AlphaLoRA's own adjustment (expert_number.py, `exponential_scaling`), kept within [lo, hi].
 
     It rounds half to even (np.round), then while the sum is off by d it adds one
     expert at argmin(v**beta - n) (d > 0) or removes one at argmax(v**beta - n)
     (d < 0). Note that it compares the *unnormalised* powers v**beta with the
     counts, not the quotas, so the extra expert tends to go to the layer with the
-    smallest metric: this rule is reproduced as is, it is not monotone. Here the
-    steps are restricted to layers that stay within [min, max]; when no bound
-    binds the result is identical to AlphaLoRA's.
+    smallest metric: this rule is reproduced as is, it is not monotone. The caller
+    uses this only where the authors' unbounded result breaks a bound; here the
+    quotas are the bounded ones and the steps are restricted to layers that stay
+    within [min, max].
     """
     n = np.round(q).astype(np.int64)
     n = np.maximum(n, lo)
@@ -181,8 +199,12 @@ def scale_to_total(
 ) -> tuple[int, ...]:
     """Integer counts n_i ~ values_i ** beta adding up to `total`, each in [min_experts, max_experts].
 
-    rounding: "largest-remainder" (default; exact total, monotone in the values)
-    or "alphalora" (AlphaLoRA's round-then-greedy rule, see `_alphalora_greedy`).
+    rounding: "largest-remainder" (default here; exact total, monotone in the values)
+    or "alphalora" (AlphaLoRA's round-then-greedy rule: the authors' `exponential_scaling`
+    result whenever every count lies in [min_experts, max_experts]; where it does not, e.g.
+    a layer it would give 0 experts, the quotas are re-scaled within the bounds and the
+    same rule is applied to them, see `_alphalora_greedy`). `allocate_alphalora` defaults
+    to "alphalora".
     """
     v = _check_values(values)
     beta = _check_beta(beta)
@@ -197,6 +219,10 @@ def scale_to_total(
     if powers is None or not np.all(np.isfinite(powers)) or powers.min() <= 0:
         # overflow or underflow of v ** beta: the same proportions, computed in log space
         powers = np.exp(beta * (np.log(v) - np.log(v).max()))
+    if rounding == "alphalora":
+        counts = _alphalora_unbounded(powers, total)
+        if counts.min() >= lo and (hi is None or counts.max() <= hi):
+            return tuple(int(c) for c in counts)
     q = _bounded_quotas(powers, total, lo, hi)
     if rounding == "alphalora":
         counts = _alphalora_greedy(q, powers, total, lo, hi)
@@ -205,10 +231,20 @@ def scale_to_total(
     return tuple(int(c) for c in counts)
 
 
+def _shape_digits(shape: str) -> tuple[int, int, int, int]:
+    if shape == "uniform":
+        return MOLA_SHAPES["5555"]
+    if shape in LEGACY_SHAPE_NAMES:
+        raise legacy_shape_error(shape, "MoLA shape ")
+    if shape not in MOLA_SHAPES:
+        raise MoeLoraError(f"unknown MoLA shape {shape!r}: choose from {', '.join(MOLA_SHAPES)}")
+    return MOLA_SHAPES[shape]
+
+
 def mola_shape(
     shape: str, num_layers: int, total: int | None = None, *, min_experts: int = 1, max_experts: int | None = None
 ) -> tuple[int, ...]:
-    """MoLA's per-layer counts for `shape` ("uniform", "triangle", "inverted", "hourglass").
+    """MoLA's per-layer counts for `shape`, named by its digits: "8642", "2468", "5555", "8228".
 
     The layers are cut into four contiguous groups whose sizes differ by at most
     one (the lower groups get the extra layers, like numpy.array_split); every
@@ -216,12 +252,10 @@ def mola_shape(
     (default: 5 per layer, MoLA's budget) with largest-remainder rounding, extra
     experts going to lower layers first within a group.
     """
-    if shape not in MOLA_SHAPES:
-        raise MoeLoraError(f"unknown MoLA shape {shape!r}: choose from {', '.join(MOLA_SHAPES)}")
+    digits = _shape_digits(shape)
     num_layers = _check_int(num_layers, "num_layers", 1)
     if total is None:
         total = 5 * num_layers
-    digits = MOLA_SHAPES[shape]
     groups = np.array_split(np.arange(num_layers), 4)
     weights = np.empty(num_layers, dtype=np.float64)
     for digit, layers in zip(digits, groups):
@@ -232,7 +266,7 @@ def mola_shape(
 
 def uniform_counts(num_layers: int, total: int, *, min_experts: int = 1, max_experts: int | None = None) -> tuple[int, ...]:
     """total // L experts per layer, the remainder one each to the lowest layers."""
-    return mola_shape("uniform", num_layers, total, min_experts=min_experts, max_experts=max_experts)
+    return mola_shape("5555", num_layers, total, min_experts=min_experts, max_experts=max_experts)
 
 
 # ----------------------------------------------------------------------------- Allocations
@@ -241,16 +275,26 @@ def allocate_alphalora(
     total: int,
     beta: float = ALPHALORA_DEFAULT_BETA,
     *,
-    rounding: str = "largest-remainder",
+    rounding: str = ALPHALORA_DEFAULT_ROUNDING,
     min_experts: int = 1,
     max_experts: int | None = None,
+    top_k: int | None = ALPHALORA_DEFAULT_TOP_K,
     modules: Sequence[str] = ALL_MODULES,
     provenance: Mapping[str, Any] | None = None,
 ) -> Allocation:
-    """AlphaLoRA's allocation from per-layer metric values (mean PL_Alpha_Hill per layer)."""
+    """AlphaLoRA's allocation from per-layer metric values (mean PL_Alpha_Hill per layer).
+
+    rounding: "alphalora" (default: the authors' exponential_scaling) or "largest-remainder".
+    top_k: each layer routes top-min(top_k, n_i), as expert_number.py prints for top_k = 2
+    (a layer with one expert routes top-1); None leaves it to the adapter's top_k.
+    """
     counts = scale_to_total(
         layer_metric, total, beta, rounding=rounding, min_experts=min_experts, max_experts=max_experts
     )
+    top_k_per_layer = None
+    if top_k is not None:
+        k = _check_int(top_k, "top_k", 1)
+        top_k_per_layer = tuple(min(k, n) for n in counts)
     prov = {
         "total": int(total),
         "beta": float(beta),
@@ -260,7 +304,8 @@ def allocate_alphalora(
         "layer_metric": [float(x) for x in layer_metric],
         **dict(provenance or {}),
     }
-    return Allocation.from_experts_per_layer(counts, modules, method="alphalora", provenance=prov)
+    return Allocation.from_experts_per_layer(counts, modules, method="alphalora", provenance=prov,
+                                             top_k_per_layer=top_k_per_layer)
 
 
 def allocate_shape(
@@ -273,14 +318,16 @@ def allocate_shape(
     modules: Sequence[str] = ALL_MODULES,
     provenance: Mapping[str, Any] | None = None,
 ) -> Allocation:
-    """"uniform" or "mola-triangle" / "mola-inverted" / "mola-hourglass" as an Allocation."""
-    shape = "uniform" if method in ("uniform", "mola-uniform") else method.removeprefix("mola-")
-    if shape not in MOLA_SHAPES:
+    """"uniform" or a MoLA shape named by its digits ("mola-8642", "mola-2468", "mola-5555", "mola-8228")."""
+    if method in LEGACY_SHAPE_NAMES:
+        raise legacy_shape_error(method, "allocation method ")
+    shape = "5555" if method == "uniform" else method.removeprefix("mola-")
+    if not method.startswith(("mola-", "uniform")) or shape not in MOLA_SHAPES:
         raise MoeLoraError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     counts = mola_shape(shape, num_layers, total, min_experts=min_experts, max_experts=max_experts)
     prov = {
         "total": int(total),
-        "shape": "".join(str(d) for d in MOLA_SHAPES[shape]),
+        "shape": shape,
         "min_experts": int(min_experts),
         "max_experts": max_experts,
         **dict(provenance or {}),

@@ -120,7 +120,8 @@ class TargetLinear(nn.Module):
             gate_B = ctx.layer_gates_BxM[:, ac.targets.index(self.target)].astype(y.dtype)
             delta = adapter_layers.lora_delta(*args, ac, ctx, self.dtype).astype(y.dtype)
             return y + delta * gate_B.reshape((-1,) + (1,) * (y.ndim - 1))
-        top_k = ac.top_k if method == "mola" else None  # molora, loramoe: dense softmax over all experts
+        # molora, loramoe: dense softmax over all experts; mola: this layer's top-k
+        top_k = ac.layer_top_k(self.target, self.layer, self.num_experts) if method == "mola" else None
         delta = adapter_layers.expert_bank_delta(*args, self.num_experts, ac, ctx, self.dtype, top_k)
         return y + delta.astype(y.dtype)
 

@@ -65,13 +65,17 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- set-up
-def resolve_allocation(spec: Any, params: Any, num_layers: int, *, progress: bool = False) -> Any:
+def resolve_allocation(spec: Any, params: Any, num_layers: int, *, progress: bool = False, top_k: int | None = None) -> Any:
     """An `Allocation` from the config's `adapter.allocation`: a JSON path, a dict of counts
-    ({"experts_per_layer": [...]} or {"modules": {...}}), or a recipe
-    {"method": alphalora|uniform|mola-*, "total": T, "beta": B, "estimator": ...}."""
+    ({"experts_per_layer": [...]} or {"modules": {...}}, optionally "top_k_per_layer"), or a recipe
+    {"method": alphalora|uniform|mola-8642|mola-2468|mola-5555|mola-8228, "total": T, "beta": B,
+    "estimator": ..., "rounding": alphalora|largest-remainder, "top_k": k}. An alphalora recipe gives
+    each layer top-min(k, n_l) with k = the recipe's top_k, else `top_k` (the adapter's), else 2."""
     from moe_lora_jax.allocation import (
         ALPHALORA_DEFAULT_BETA, Allocation, HillOptions, allocate_alphalora, allocate_shape, analyze_params, layer_metric,
     )
+    from moe_lora_jax.allocation.allocate import ALPHALORA_DEFAULT_ROUNDING, ALPHALORA_DEFAULT_TOP_K
+    from moe_lora_jax.allocation.allocation import LEGACY_SHAPE_NAMES, legacy_shape_error
 
     if spec is None or isinstance(spec, Allocation):
         return spec
@@ -79,12 +83,16 @@ def resolve_allocation(spec: Any, params: Any, num_layers: int, *, progress: boo
         alloc = Allocation.from_json(spec)
     elif isinstance(spec, Mapping) and "method" in spec and "total" in spec:
         method, total = str(spec["method"]), int(spec["total"])
+        if method in LEGACY_SHAPE_NAMES:
+            raise legacy_shape_error(method, "adapter.allocation.method ")
         limits = {k: spec[k] for k in ("min_experts", "max_experts") if k in spec}
         if method == "alphalora":
             estimator = str(spec.get("estimator", "fix-finger"))
             fits = analyze_params(params, HillOptions(estimator), progress=progress)
             metric = layer_metric(fits, num_layers)
-            alloc = allocate_alphalora(metric, total, float(spec.get("beta", ALPHALORA_DEFAULT_BETA)), provenance={"estimator": estimator}, **limits)
+            k = spec.get("top_k", top_k if top_k is not None else ALPHALORA_DEFAULT_TOP_K)
+            alloc = allocate_alphalora(metric, total, float(spec.get("beta", ALPHALORA_DEFAULT_BETA)), provenance={"estimator": estimator},
+                                       rounding=str(spec.get("rounding", ALPHALORA_DEFAULT_ROUNDING)), top_k=k, **limits)
         else:
             alloc = allocate_shape(method, num_layers, total, **limits)
     elif isinstance(spec, Mapping):
@@ -101,7 +109,8 @@ def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, 
 
     raw = apply_preset(raw, model_config.num_hidden_layers)  # `preset: NAME` -> its values; explicit keys win
     if raw.get("allocation") is not None:
-        raw["allocation"] = resolve_allocation(raw["allocation"], params, model_config.num_hidden_layers, progress=progress)
+        raw["allocation"] = resolve_allocation(raw["allocation"], params, model_config.num_hidden_layers, progress=progress,
+                                               top_k=raw.get("top_k"))
     names = {f.name for f in dataclasses.fields(AdapterConfig)}
     unknown = sorted(set(raw) - names)
     if unknown:
