@@ -145,7 +145,7 @@ PRESETS: dict[str, Preset] = {
             reference=MOLA_REF,
             values={
                 "method": "mola", **_MOLA_LORA, "top_k": 2,
-                "allocation": {"method": "mola-inverted", "experts_per_layer": 5}, "switch_coef": 0.0,
+                "allocation": {"method": "mola-2468", "experts_per_layer": 5}, "switch_coef": 0.0,
             },
             sources={
                 "method": f"{MOLA_REF} src/mola_lora_hacked.py: Linear_MoE, top-k of a softmax router, renormalised",
