@@ -194,6 +194,9 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
                adapter_config: Any | None):
     """Task CE plus every balance term whose coefficient in `adapter_config` is non-zero.
 
+    Switch, importance and z-loss read the token routers, or for MiLoRA its prompt routers (one
+    decision per prompt: the terms are taken over the batch's prompts).
+
     batch: input_ids [B, L]; attention_mask [B, L] (optional; masks routers' padding tokens);
     loss_mask [B, L] (optional; defaults to attention_mask); task_types [B] (LoRAMoE).
     """

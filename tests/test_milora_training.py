@@ -16,7 +16,7 @@ from adapter_testlib import TINY, init_adapter, randomize, tiny_base
 from moe_lora_jax import LlamaForCausalLM
 from moe_lora_jax.adapters import AdapterConfig
 from moe_lora_jax.adapters.config import COEF_METHODS, METHODS
-from moe_lora_jax.adapters.layers import RATIONAL_GELU_DEN, RATIONAL_GELU_NUM, rational, router_activation
+from moe_lora_jax.adapters.layers import RATIONAL_GELU_DEN, RATIONAL_GELU_NUM, pool, rational, router_activation
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.losses import cross_entropy, milora_prompt_balance, router_stats, total_loss
 from moe_lora_jax.train.state import TrainState
@@ -49,7 +49,7 @@ def _milora_batch():
 def test_train_and_eval_steps_route_milora_on_the_prompt_only():
     """Changing only response tokens leaves MiLoRA's routing and the prompt-position logits bit-identical
     in the train step and the eval step (before the fix both pooled the response too)."""
-    config, params = tiny_base()
+    config, params = tiny_base(TINY.replace(num_hidden_layers=1))
     ac = AdapterConfig(method="milora", rank=4, top_k=2, milora_router_dim=16)
     adapter = randomize(init_adapter(config, ac), scale=0.3)
     model = LlamaForCausalLM(config, ac)
@@ -91,12 +91,13 @@ def test_train_and_eval_steps_route_milora_on_the_prompt_only():
 # ----------------------------------------------------------------------------- validation loss == eval perplexity
 @pytest.fixture(scope="module")
 def tiny_run_dir(tmp_path_factory, smollm2):
-    """A random 2-layer LLaMA with SmolLM2's tokenizer, and small train / validation files (two tasks)."""
+    """A random 1-layer LLaMA with SmolLM2's tokenizer (one layer: four compilations per method are the cost),
+    and small train / validation files (two tasks, so LoRAMoE's binary task types exist)."""
     from conftest import make_hf_llama
 
     root = tmp_path_factory.mktemp("milora_train")
     d = root / "model"
-    make_hf_llama(d, vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    make_hf_llama(d, vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=2, bos_token_id=1,
                   eos_token_id=2)
     smollm2[2].save_pretrained(d)
@@ -131,13 +132,13 @@ def test_validation_loss_equals_eval_perplexity_of_the_saved_adapter(tiny_run_di
     config = load_config(None, [
         f"model.path={root / 'model'}", f"output_dir={tmp_path / 'run'}", f"data.train={root / 'train.jsonl'}",
         f"data.validation={root / 'validation.jsonl'}", "data.template=chat", "data.batching=fixed", "data.max_len=64",
-        "loop.steps=2", "loop.global_batch=4", "loop.log_every=1", "loop.eval_every=2", "checkpoint.every=2",
+        "loop.steps=3", "loop.global_batch=4", "loop.log_every=3", "loop.eval_every=3", "checkpoint.every=3",
         "checkpoint.async_save=false", f"adapter.method={method}", "adapter.rank=2", "optim.lr=5e-2",
         "optim.warmup_steps=0", *_method_options(method),
     ])
     result = train(config, progress=False)
     val = result.evals[-1]["eval/loss"]
-    assert result.evals[-1]["step"] == 2 and val != result.evals[0]["eval/loss"]  # the adapter was trained
+    assert result.evals[-1]["step"] == 3 and val != result.evals[0]["eval/loss"]  # the adapter was trained
     out = tmp_path / "ppl.json"
     assert main(["eval", "--model", str(root / "model"), "--adapter", str(result.adapter_dir), "--data",
                  str(root / "validation.jsonl"), "--kind", "perplexity", "--template", "chat", "--json", str(out),
@@ -145,6 +146,9 @@ def test_validation_loss_equals_eval_perplexity_of_the_saved_adapter(tiny_run_di
     capsys.readouterr()
     got = json.loads(out.read_text())
     assert got["n"] == 6
+    print(f"{method}: validation loss {val!r}, eval nll/token {got['nll_per_token']!r}, "
+          f"relative difference {abs(val - got['nll_per_token']) / abs(val):.2e}")
+    # measured: <= 6e-8 relative for every method; MiLoRA pooling the response too in training gave 1.5e-4
     assert got["nll_per_token"] == pytest.approx(val, rel=1e-6), (method, val, got["nll_per_token"])
 
 
@@ -169,7 +173,7 @@ def test_balance_terms_apply_to_milora_prompt_routers_per_prompt():
     layers = [rng.normal(size=(B, M)).astype(np.float32) * 2 for _ in range(2)]
     inter = _milora_intermediates(layers)
     ac = AdapterConfig(method="milora", top_k=k, z_loss_coef=0.3, importance_coef=0.2, switch_coef=0.1, milora_coef=0.05)
-    loss, metrics = total_loss(logits, {"input_ids": ids, "attention_mask": jnp.asarray(attn)}, inter, ac)
+    loss, metrics = jax.jit(lambda b, i: total_loss(logits, b, i, ac))({"input_ids": ids, "attention_mask": jnp.asarray(attn)}, inter)
 
     z = imp = sw = mil = 0.0
     for x in layers:
@@ -191,7 +195,7 @@ def test_balance_terms_apply_to_milora_prompt_routers_per_prompt():
     assert float(loss) == pytest.approx(ce + 0.3 * z + 0.2 * imp + 0.1 * sw + 0.05 * mil, rel=1e-6)
     # milora_coef's default (the paper's 1e-2) still applies alone; without a mask every row counts
     stats = router_stats(inter, "milora")
-    _, m = total_loss(logits, {"input_ids": ids}, inter, AdapterConfig(method="milora", top_k=k))
+    _, m = jax.jit(lambda b, i: total_loss(logits, b, i, AdapterConfig(method="milora", top_k=k)))({"input_ids": ids}, inter)
     assert set(m) & {"z_loss", "importance_cv2", "switch_aux"} == set()
     assert float(m["milora_balance"]) == pytest.approx(float(milora_prompt_balance(stats)[0]), rel=1e-6)
 
@@ -236,8 +240,8 @@ def test_router_activations_have_the_expected_values_and_the_per_depth_choice_ap
 
     values = {}
     for act in ("rational", "gelu", "relu"):
-        variables = Probe(act).init(jax.random.key(0), x)
-        values[act] = np.asarray(Probe(act).apply(variables, x))
+        variables = jax.jit(Probe(act).init)(jax.random.key(0), x)
+        values[act] = np.asarray(jax.jit(Probe(act).apply)(variables, x))
         assert bool(variables) == (act == "rational")  # fixed activations have no weights
     np.testing.assert_allclose(values["relu"], np.maximum(np.asarray(x), 0.0), rtol=0, atol=0)
     from scipy.special import erf
@@ -245,38 +249,31 @@ def test_router_activations_have_the_expected_values_and_the_per_depth_choice_ap
     xs = np.asarray(x, np.float64)
     np.testing.assert_allclose(values["gelu"], 0.5 * xs * (1 + erf(xs / np.sqrt(2))), atol=1e-6)
     want = np.asarray(rational(x, jnp.asarray(RATIONAL_GELU_NUM), jnp.asarray(RATIONAL_GELU_DEN)))
-    np.testing.assert_array_equal(values["rational"], want)
+    np.testing.assert_allclose(values["rational"], want, rtol=1e-6, atol=1e-7)
     assert np.abs(values["rational"] - values["gelu"]).max() < 2e-3 and np.abs(values["rational"] - values["gelu"]).max() > 0
 
     # MiLoRA-4 of the paper: ReLU in the first half of the layers, GELU in the second
-    config, params = tiny_base(TINY.replace(num_hidden_layers=4))
+    config, params = tiny_base()
     ac = AdapterConfig(method="milora", rank=2, top_k=2, milora_router_dim=8, milora_activation="relu",
                        milora_activation_deep="gelu")
     assert [ac.milora_activation_at(i, 4) for i in range(4)] == ["relu", "relu", "gelu", "gelu"]
+    assert [ac.milora_activation_at(i, 5) for i in range(5)] == ["relu", "relu", "gelu", "gelu", "gelu"]
+    assert AdapterConfig(method="milora").milora_activation_at(3, 4) == "rational"
     adapter = randomize(init_adapter(config, ac), scale=0.5)
-    assert all("rational_num" not in adapter[f"layers_{i}"]["milora_router"] for i in range(4))
+    assert all("rational_num" not in adapter[f"layers_{i}"]["milora_router"] for i in range(2))
     ids = np.random.default_rng(0).integers(3, config.vocab_size, size=(2, 6)).astype(np.int32)
-    _, inter = LlamaForCausalLM(config, ac).apply({"params": params, "adapter": adapter}, ids, mutable=["intermediates"])
-    # recompute each layer's router logits from its pooled input with the activation it should use
-    for i, act in enumerate(["relu", "relu", "gelu", "gelu"]):
-        r = adapter[f"layers_{i}"]["milora_router"]
-        logits = np.asarray(inter["intermediates"][f"layers_{i}"]["milora_router"]["milora_logits"][0])
-        pre = _router_pre_activation(config, params, adapter, ac, ids, i)
-        for name, fn in (("relu", lambda v: np.maximum(v, 0)), ("gelu", lambda v: 0.5 * v * (1 + erf(v / np.sqrt(2))))):
-            diff = np.abs(fn(pre) @ np.asarray(r["w2"], np.float64) - logits).max()
+    _, inter = jax.jit(lambda v, i: LlamaForCausalLM(config, ac).apply(
+        v, i, mutable=["intermediates"], capture_intermediates=lambda mdl, _: mdl.name == "input_layernorm"))(
+        {"params": params, "adapter": adapter}, ids)
+    inter = inter["intermediates"]
+    # recompute each layer's router logits from its pooled input with either activation: only the configured one fits
+    fns = {"relu": lambda v: np.maximum(v, 0), "gelu": lambda v: 0.5 * v * (1 + erf(v / np.sqrt(2)))}
+    for i, act in enumerate(["relu", "gelu"]):
+        r = {k: np.asarray(v, np.float64) for k, v in adapter[f"layers_{i}"]["milora_router"].items()}
+        h = inter[f"layers_{i}"]["input_layernorm"]["__call__"][0]
+        pooled = np.asarray(pool(h, jnp.ones(ids.shape, bool), ac.milora_pooling, jnp.asarray(r["pool_query"], jnp.float32)))
+        pre = pooled.astype(np.float64) @ r["w1"] + r["b1"]
+        logits = np.asarray(inter[f"layers_{i}"]["milora_router"]["milora_logits"][0])
+        for name, fn in fns.items():
+            diff = np.abs(fn(pre) @ r["w2"] - logits).max()
             assert (diff < 1e-4) == (name == act), (i, act, name, diff)
-
-
-def _router_pre_activation(config, params, adapter, ac, ids, layer):
-    """W1 @ pooled + b1 of `layer`'s MiLoRA router, from the router's own sown pooled input."""
-    from moe_lora_jax.adapters.layers import pool
-
-    model = LlamaForCausalLM(config, ac)
-    _, inter = model.apply({"params": params, "adapter": adapter}, ids, mutable=["intermediates"],
-                           capture_intermediates=lambda mdl, _: type(mdl).__name__ == "RMSNorm"
-                           and mdl.name == "input_layernorm")
-    h = np.asarray(inter["intermediates"][f"layers_{layer}"]["input_layernorm"]["__call__"][0], np.float64)
-    r = adapter[f"layers_{layer}"]["milora_router"]
-    pooled = np.asarray(pool(jnp.asarray(h, jnp.float32), jnp.ones(ids.shape, bool), ac.milora_pooling,
-                             r["pool_query"]), np.float64)
-    return pooled @ np.asarray(r["w1"], np.float64) + np.asarray(r["b1"], np.float64)
