@@ -9,7 +9,8 @@ One step:
 
 1. The batch [B, ...] is cut into `grad_accum` micro-batches (row i goes to micro-batch
    i mod grad_accum, so every micro-batch stays spread over the data-parallel devices).
-2. `lax.scan` over the micro-batches: forward with `mutable=["intermediates"]`,
+2. `lax.scan` over the micro-batches: forward with `mutable=["intermediates"]` (and the batch's
+   `prompt_mask`, so MiLoRA's router pools the prompt only, as in decoding),
    `losses.total_loss`, gradient with respect to the `adapter` collection only. The
    cross-entropy of micro-batch m is weighted by its share of the batch's response
    tokens n_m / N, so the accumulated gradient equals that of one pass over the whole
