@@ -202,15 +202,18 @@ def loramoe_localized(stats: list[RouterStat], task_types_B: jax.Array, delta: f
     return total, {"loramoe_blc": total}
 
 
-def milora_prompt_balance(stats: list[RouterStat]):
+def milora_prompt_balance(stats: list[RouterStat], mask_B: jax.Array | None = None):
     """MiLoRA's prompt-level balance: per layer M * sum_i f_i P_i with f_i the share of prompts
-    whose top (argmax) module is i and P_i the mean probability over prompts; summed over layers."""
+    whose top (argmax) module is i and P_i the mean probability over prompts; summed over layers.
+    `mask_B` (optional) marks the prompts that count (an eval batch's empty filler rows do not)."""
     total = jnp.zeros((), jnp.float32)
     for s in stats:
         M = s.logits.shape[-1]
         probs = jax.nn.softmax(s.logits.reshape(-1, M).astype(jnp.float32), -1)
-        f = jnp.mean(jax.nn.one_hot(jnp.argmax(probs, -1), M, dtype=jnp.float32), 0)
-        total = total + M * jnp.sum(f * jnp.mean(probs, 0))
+        w = _token_weights(s.logits, mask_B)[:, None]
+        n = jnp.maximum(jnp.sum(w), _EPS)
+        f = jnp.sum(jax.nn.one_hot(jnp.argmax(probs, -1), M, dtype=jnp.float32) * w, 0) / n
+        total = total + M * jnp.sum(f * jnp.sum(probs * w, 0) / n)
     return total, {"milora_balance": total}
 
 
@@ -311,6 +314,9 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
                adapter_config: Any | None):
     """Task CE plus every balance term whose coefficient in `adapter_config` is non-zero.
 
+    Switch, importance and z-loss read the token routers, or for MiLoRA its prompt routers (one
+    decision per prompt: the terms are taken over the batch's prompts).
+
     batch: input_ids [B, L]; attention_mask [B, L] (optional; masks routers' padding tokens);
     loss_mask [B, L] (optional; defaults to attention_mask); task_types [B] (LoRAMoE).
     The contrastive expert loss (contrastive_coef > 0) reads `expert_gram` from the intermediates.
@@ -325,21 +331,27 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
         return loss, metrics
     inter = intermediates or {}
     stats = router_stats(inter, "router")
+    mask = attn
+    if ac.method == "milora":
+        # MiLoRA's routers decide once per prompt: the token-level terms are taken over prompts
+        # (logits [B, M]), counting every row that holds a token (eval batches pad with empty rows).
+        stats = router_stats(inter, "milora")
+        mask = None if attn is None else jnp.any(jnp.asarray(attn).astype(bool), axis=1)
     terms = []
     if ac.resolved_switch_coef and stats:
         fn = switch_aux_mola if ac.resolved_switch_form == "mola" else switch_aux_mixtral
-        terms.append((ac.resolved_switch_coef, fn(stats, _layer_top_k(ac), attn)))
+        terms.append((ac.resolved_switch_coef, fn(stats, _layer_top_k(ac), mask)))
     if ac.importance_coef and stats:
-        terms.append((ac.importance_coef, importance_cv2(stats, attn)))
+        terms.append((ac.importance_coef, importance_cv2(stats, mask)))
     if ac.z_loss_coef and stats:
-        terms.append((ac.z_loss_coef, router_z_loss(stats, attn)))
-    if ac.method == "loramoe" and ac.loramoe_coef:
+        terms.append((ac.z_loss_coef, router_z_loss(stats, mask)))
+    if ac.method == "loramoe" and ac.resolved_loramoe_coef:
         if batch.get("task_types") is None:
             raise MoeLoraError(
                 "LoRAMoE's localized balancing constraint needs a per-example task type: add 'task_types' "
                 "(1 = world knowledge, 0 = other) to the batch, or set loramoe_coef=0"
             )
-        terms.append((ac.loramoe_coef, loramoe_localized(stats, jnp.asarray(batch["task_types"]), ac.loramoe_delta, attn,
+        terms.append((ac.resolved_loramoe_coef, loramoe_localized(stats, jnp.asarray(batch["task_types"]), ac.loramoe_delta, attn,
                                                           form=getattr(ac, "loramoe_form", "code"))))
     if getattr(ac, "contrastive_coef", 0.0):
         ex = expert_stats(inter)
@@ -350,8 +362,8 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
             )
         sel_k = None if ac.method in ("mola", "mixlora") else ac.top_k  # sparse routers: their own selection
         terms.append((ac.contrastive_coef, contrastive_expert_loss(ex, sel_k, ac.contrastive_temperature, attn)))
-    if ac.method == "milora" and ac.milora_coef:
-        terms.append((ac.milora_coef, milora_prompt_balance(router_stats(inter, "milora"))))
+    if ac.method == "milora" and ac.resolved_milora_coef:
+        terms.append((ac.resolved_milora_coef, milora_prompt_balance(stats, mask)))
     for coef, (value, m) in terms:
         loss = loss + coef * value
         metrics.update(m)

@@ -28,6 +28,21 @@ ROUTER_INITS = ("kaiming", "normal")
 LORA_INITS = ("kaiming", "normal")  # LoRA A: torch nn.Linear's kaiming-uniform (PEFT) or normal(0.02) (MoV paper's code)
 MOV_ROUTINGS = ("head", "token")  # MoV on k/v: per attention head (reference MoVAttention) or once per token
 RENORMALIZE = (True, False, "always")  # True: when k > 1; "always": also at top-1 (gate 1, the references' code)
+MILORA_ACTIVATIONS = ("rational", "gelu", "relu")
+
+# Balance-term coefficients and the methods whose routers define them. Switch needs a top-k
+# selection (mola, mixlora, milora); importance and z-loss need a router (every method but lora);
+# LoRAMoE's constraint needs LoRAMoE's two expert groups; MiLoRA's term its prompt routers.
+# A coefficient set non-zero for any other method is an error (AdapterConfig.__post_init__).
+COEF_METHODS: dict[str, tuple[str, ...]] = {
+    "switch_coef": ("mola", "mixlora", "milora"),
+    "importance_coef": ("molora", "mov", "mola", "loramoe", "mixlora", "milora"),
+    "z_loss_coef": ("molora", "mov", "mola", "loramoe", "mixlora", "milora"),
+    "loramoe_coef": ("loramoe",),
+    "milora_coef": ("milora",),
+}
+# Defaults of the method-specific coefficients left at None (0 for every other method).
+COEF_DEFAULTS: dict[str, dict[str, float]] = {"loramoe_coef": {"loramoe": 0.1}, "milora_coef": {"milora": 1e-2}}
 
 # Method defaults for the fields that are `None` in a user's config.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -65,9 +80,14 @@ class AdapterConfig:
       loramoe_delta: the localized balancing constraint's delta (LoRAMoE's blc_alpha).
       milora_pooling: how MiLoRA pools the prompt's hidden states: attention, mean, last or max.
       milora_router_dim: width of MiLoRA's router hidden layer (before the rational activation).
+      milora_activation: MiLoRA's router activation (rational | gelu | relu) in every layer, or in the
+        first half of the layers (index < L // 2) when `milora_activation_deep` is set.
+      milora_activation_deep: the activation of the second half of the layers; None: as milora_activation.
       switch_coef, switch_form: Switch aux coefficient and form ("mola": per layer, summed; "mixtral": global).
       importance_coef: Shazeer importance CV^2; z_loss_coef: ST-MoE router z-loss;
-      loramoe_coef: LoRAMoE localized constraint; milora_coef: MiLoRA prompt-level balance.
+      loramoe_coef: LoRAMoE localized constraint (None: 0.1 for loramoe); milora_coef: MiLoRA
+        prompt-level balance (None: 1e-2 for milora). Every coefficient applies to the routers of the
+        methods in COEF_METHODS; a non-zero one for another method is an error.
       mov_routing: MoV on k/v: "head" (a router [head_dim, E] shared by the heads, applied to each head's
         slice, vectors [heads, E, head_dim], as the reference's MoVAttention) or "token" (one route per token).
       lora_init: LoRA A initialiser, "kaiming" (uniform +-1/sqrt(fan_in)) or "normal" (std 0.02). None: method default.
@@ -98,8 +118,10 @@ class AdapterConfig:
     switch_form: str | None = None
     importance_coef: float = 0.0
     z_loss_coef: float = 0.0
-    loramoe_coef: float = 0.1
-    milora_coef: float = 1e-2
+    loramoe_coef: float | None = None
+    milora_coef: float | None = None
+    milora_activation: str = "rational"
+    milora_activation_deep: str | None = None
     mov_routing: str = "head"
     lora_init: str | None = None
     contrastive_coef: float = 0.0
@@ -149,6 +171,17 @@ class AdapterConfig:
             raise MoeLoraError(f"mov_routing={self.mov_routing!r}: use one of {', '.join(MOV_ROUTINGS)}")
         if self.lora_init is not None and self.lora_init not in LORA_INITS:
             raise MoeLoraError(f"lora_init={self.lora_init!r}: use one of {', '.join(LORA_INITS)}")
+        for name in ("milora_activation", "milora_activation_deep"):
+            value = getattr(self, name)
+            if value is not None and value not in MILORA_ACTIVATIONS:
+                raise MoeLoraError(f"{name}={value!r}: use one of {', '.join(MILORA_ACTIVATIONS)}")
+        for name, methods in COEF_METHODS.items():
+            value = getattr(self, name)
+            if value and self.method not in methods:
+                raise MoeLoraError(
+                    f"{name}={value} does not apply to method {self.method} (only to {', '.join(methods)}): "
+                    f"drop it or set it to 0"
+                )
         if self.method == "milora" and self.top_k > len(self.targets):
             raise MoeLoraError(
                 f"top_k={self.top_k} is larger than the {len(self.targets)} LoRA modules per layer that MiLoRA routes between"
@@ -193,6 +226,20 @@ class AdapterConfig:
     @property
     def resolved_switch_form(self) -> str:
         return self.switch_form or METHOD_DEFAULTS[self.method]["switch_form"]
+
+    @property
+    def resolved_loramoe_coef(self) -> float:
+        return COEF_DEFAULTS["loramoe_coef"].get(self.method, 0.0) if self.loramoe_coef is None else self.loramoe_coef
+
+    @property
+    def resolved_milora_coef(self) -> float:
+        return COEF_DEFAULTS["milora_coef"].get(self.method, 0.0) if self.milora_coef is None else self.milora_coef
+
+    def milora_activation_at(self, layer: int, num_layers: int) -> str:
+        """MiLoRA's router activation in `layer`: the deep one for layer >= num_layers // 2 when set."""
+        if self.milora_activation_deep is not None and layer >= num_layers // 2:
+            return self.milora_activation_deep
+        return self.milora_activation
 
     @property
     def routed(self) -> bool:
@@ -277,6 +324,12 @@ class AdapterConfig:
         kw = dict(d)
         if kw.get("method") == "mov" and "mov_routing" not in kw:
             kw["mov_routing"] = "token"  # written before per-head routing: its vectors are [E, O]
+        # Adapters written before the applicability check carry coefficients their method never used
+        # (loramoe_coef=0.1 and milora_coef=0.01 were defaults for every method): they were no-ops then.
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, methods in COEF_METHODS.items():
+            if kw.get("method", "lora") not in methods and kw.get(name):
+                kw[name] = defaults[name]
         if kw.get("target_modules") is not None:
             kw["target_modules"] = tuple(kw["target_modules"])
         if kw.get("allocation") is not None:

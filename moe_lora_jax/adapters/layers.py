@@ -364,20 +364,35 @@ def pool(h_BxLxD: jax.Array, mask_BxL: jax.Array, how: str, query_D: jax.Array |
     return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
 
 
+def router_activation(mdl: nn.Module, activation: str):
+    """MiLoRA's router activation as a function: the learnable rational (its coefficients, declared
+    here, start at the GELU fit), or a fixed GELU (erf form) or ReLU without weights (the paper's
+    ablations MiLoRA-3..5)."""
+    if activation == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if activation == "relu":
+        return jax.nn.relu
+    if activation != "rational":
+        raise ValueError(f"unknown MiLoRA router activation {activation!r}")
+    num = adapter_var(mdl, "rational_num", lambda k, s, d: jnp.asarray(RATIONAL_GELU_NUM, d), (7,), (None,))
+    den = adapter_var(mdl, "rational_den", lambda k, s, d: jnp.asarray(RATIONAL_GELU_DEN, d), (5,), (None,))
+    return lambda x: rational(x, num, den)
+
+
 def milora_route(mdl: nn.Module, h_BxLxD: jax.Array, mask_BxL: jax.Array, num_modules: int,
-                 cfg: AdapterConfig) -> jax.Array:
-    """MiLoRA's prompt-aware router: pool the prompt, W1 -> rational -> W2, softmax, top-k. Returns gates [B, M]."""
+                 cfg: AdapterConfig, activation: str = "rational") -> jax.Array:
+    """MiLoRA's prompt-aware router: pool the prompt, W1 -> activation (rational by default) -> W2, softmax,
+    top-k. Returns gates [B, M]."""
     D, H = h_BxLxD.shape[-1], cfg.milora_router_dim
     query = adapter_var(mdl, "pool_query", nn.initializers.normal(0.02), (D,), ("embed",)) \
         if cfg.milora_pooling == "attention" else None
     pooled = pool(h_BxLxD, mask_BxL, cfg.milora_pooling, query)
     w1 = adapter_var(mdl, "w1", fan_in_uniform, (D, H), ("embed", None))
     b1 = adapter_var(mdl, "b1", nn.initializers.zeros, (H,), (None,))
-    num = adapter_var(mdl, "rational_num", lambda k, s, d: jnp.asarray(RATIONAL_GELU_NUM, d), (7,), (None,))
-    den = adapter_var(mdl, "rational_den", lambda k, s, d: jnp.asarray(RATIONAL_GELU_DEN, d), (5,), (None,))
+    act = router_activation(mdl, activation)
     w2 = adapter_var(mdl, "w2", router_init(cfg), (H, num_modules), (None, "expert"))
     hi = jax.lax.Precision.HIGHEST
-    z = rational(jnp.dot(pooled, w1, precision=hi) + b1, num, den)
+    z = act(jnp.dot(pooled, w1, precision=hi) + b1)
     logits = jnp.dot(z, w2, precision=hi)
     gates = topk_gates(jax.nn.softmax(logits, axis=-1), cfg.top_k, cfg.renormalize)
     mdl.sow("intermediates", "milora_logits", logits)

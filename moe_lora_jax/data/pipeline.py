@@ -14,6 +14,7 @@ Batches (numpy, this host's rows of the global batch, right-padded):
     attention_mask  int32 [b, L]   1 = token, 0 = padding
     loss_mask       int32 [b, L]   1 where token t is a response token; the loss of position t-1
                                    predicting token t is weighted by loss_mask[:, t] (shift by one)
+    prompt_mask     int32 [b, L]   1 on the prompt's tokens (what MiLoRA's router pools, in training as in decoding)
     task_id         int32 [b]      index into `task_names`
 
 Batching is length bucketing with padding, not packing: an example never shares a
@@ -264,6 +265,7 @@ def pad_rows(
     input_ids = np.full((n, length), pad_id, np.int32)
     attention = np.zeros((n, length), np.int32)
     loss = np.zeros((n, length), np.int32)
+    prompt = np.zeros((n, length), np.int32)
     task = np.zeros((n,), np.int32)
     for row, i in enumerate(indices):
         if i < 0:
@@ -272,8 +274,9 @@ def pad_rows(
         input_ids[row, : len(t)] = t
         attention[row, : len(t)] = 1
         loss[row, split.prompt_lens[i] : len(t)] = 1
+        prompt[row, : min(split.prompt_lens[i], len(t))] = 1
         task[row] = split.task_ids[i]
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss, "task_id": task}
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss, "prompt_mask": prompt, "task_id": task}
 
 
 def padded_length(longest: int, max_len: int, pad_multiple: int) -> int:

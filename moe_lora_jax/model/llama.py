@@ -236,11 +236,12 @@ class MiLoRARouter(nn.Module):
     """One router per layer over the layer's LoRA modules, from the pooled prompt."""
 
     adapter_config: AdapterConfig
+    activation: str = "rational"  # this layer's router activation (AdapterConfig.milora_activation_at)
 
     @nn.compact
     def __call__(self, h_BxLxD: jax.Array, pool_mask_BxL: jax.Array) -> jax.Array:
         ac = self.adapter_config
-        return adapter_layers.milora_route(self, h_BxLxD, pool_mask_BxL, len(ac.targets), ac)
+        return adapter_layers.milora_route(self, h_BxLxD, pool_mask_BxL, len(ac.targets), ac, self.activation)
 
 
 class DecoderLayer(nn.Module):
@@ -259,7 +260,8 @@ class DecoderLayer(nn.Module):
             if ctx.routing_BxNxM is not None:  # reuse the prompt's routing decision (decode steps)
                 gates_BxM = ctx.routing_BxNxM[:, self.layer]
             else:
-                gates_BxM = MiLoRARouter(ac, name="milora_router")(h, ctx.pool_mask_BxL)
+                activation = ac.milora_activation_at(self.layer, cfg.num_hidden_layers)
+                gates_BxM = MiLoRARouter(ac, activation, name="milora_router")(h, ctx.pool_mask_BxL)
             ctx = ctx.replace(layer_gates_BxM=gates_BxM)
         attn = Attention(cfg, self.layer, ac, name="self_attn")
         attn_out, new_kv = attn(h, cos_sin, mask_Bx1xLxS, kv, ctx)

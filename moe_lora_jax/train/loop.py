@@ -121,18 +121,23 @@ def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, 
     return ac
 
 
-def loramoe_task_types(config: TrainConfig, task_names: tuple[str, ...]) -> np.ndarray | None:
+def loramoe_task_types(config: TrainConfig, task_names: tuple[str, ...], adapter_config: Any = None) -> np.ndarray | None:
     """LoRAMoE's type of every task id (1 = world knowledge) from `data.world_knowledge_tasks`;
-    None where no type is needed. Named tasks must exist; LoRAMoE with its constraint on must name them."""
+    None where no type is needed. Named tasks must exist; LoRAMoE with its constraint on must name them.
+    `adapter_config`: the run's AdapterConfig (presets applied); None reads the method from config.adapter."""
     from moe_lora_jax.adapters import AdapterConfig
+    from moe_lora_jax.adapters.presets import apply_preset
     from moe_lora_jax.data import task_type_table
 
     wk = config.data.world_knowledge_tasks
     table = None if wk is None else task_type_table(task_names, wk)
-    if config.adapter.get("method") != "loramoe":
+    ac = adapter_config
+    if ac is None:  # method and coefficient only: resolved the way adapter_config_from resolves them
+        raw = apply_preset(config.adapter)
+        ac = AdapterConfig(method=raw.get("method", "lora"), loramoe_coef=raw.get("loramoe_coef"))
+    if ac.method != "loramoe":
         return None
-    default_coef = {f.name: f.default for f in dataclasses.fields(AdapterConfig)}["loramoe_coef"]
-    if table is None and float(config.adapter.get("loramoe_coef", default_coef) or 0.0):
+    if table is None and ac.resolved_loramoe_coef:
         raise MoeLoraError(
             "LoRAMoE's localized balancing constraint needs each example's task type: set data.world_knowledge_tasks "
             f"to the world-knowledge task names (type 1; the rest are type 0), some of {list(task_names)}, "
@@ -175,14 +180,14 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
 
     mesh = make_mesh(config.mesh)
     path = resolve_model_path(config.model.path)
-    check_config(config, path)  # the whole config, adapter included, before data and weights
+    early_ac = check_config(config, path)  # the whole config, adapter included, before data and weights
     tokenizer = load_tokenizer(path)  # before the weights: a bad template or data fails fast
     loop = config.loop
     data = make_train_data(
         config.data, tokenizer, loop.global_batch, process_index=jax.process_index(),
         process_count=jax.process_count(), data_parallel=data_parallel_size(mesh), grad_accum=loop.grad_accum,
     )
-    task_types = loramoe_task_types(config, data.task_names)  # before the weights: a bad list fails fast
+    task_types = loramoe_task_types(config, data.task_names, early_ac)  # before the weights: a bad list fails fast
     overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype)
     model_config = load_llama_config(path).replace(remat=config.model.remat, **overrides)
     base_sh = param_shardings(LlamaForCausalLM(model_config), mesh)["params"]

@@ -9,7 +9,8 @@ One step:
 
 1. The batch [B, ...] is cut into `grad_accum` micro-batches (row i goes to micro-batch
    i mod grad_accum, so every micro-batch stays spread over the data-parallel devices).
-2. `lax.scan` over the micro-batches: forward with `mutable=["intermediates"]`,
+2. `lax.scan` over the micro-batches: forward with `mutable=["intermediates"]` (and the batch's
+   `prompt_mask`, so MiLoRA's router pools the prompt only, as in decoding),
    `losses.total_loss`, gradient with respect to the `adapter` collection only. The
    cross-entropy of micro-batch m is weighted by its share of the batch's response
    tokens n_m / N, so the accumulated gradient equals that of one pass over the whole
@@ -51,6 +52,18 @@ def response_tokens(batch: Batch) -> jax.Array:
     if mask is None:
         return jnp.asarray(batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1), jnp.float32)
     return jnp.sum(mask[:, 1:].astype(jnp.float32))
+
+
+def prompt_mask(batch: Batch) -> jax.Array | None:
+    """Tokens MiLoRA's router may pool: the batch's `prompt_mask`, else the non-response tokens
+    (attention_mask and not loss_mask), else None (every token: a batch without a prompt/response split)."""
+    if batch.get("prompt_mask") is not None:
+        return batch["prompt_mask"]
+    if batch.get("loss_mask") is None:
+        return None
+    attn = batch.get("attention_mask")
+    not_response = jnp.asarray(batch["loss_mask"]) == 0
+    return not_response if attn is None else not_response & (jnp.asarray(attn) != 0)
 
 
 def routing_metrics(intermediates: Mapping[str, Any] | None, attention_mask: jax.Array | None, top_k: int) -> dict[str, jax.Array]:
@@ -123,6 +136,7 @@ def make_train_step(
             deterministic=deterministic,
             rngs={"dropout": key},
             mutable=["intermediates"],
+            prompt_mask_BxL=prompt_mask(micro),  # MiLoRA routes on the prompt, as generate does
         )
         inter = mutated.get("intermediates", {})
         loss, metrics = loss_fn(logits, micro, inter, adapter_config)
@@ -216,6 +230,7 @@ def make_eval_step(model: Any, adapter_config: Any, loss_fn: Callable | None = N
             batch.get("attention_mask"),
             deterministic=True,
             mutable=["intermediates"],
+            prompt_mask_BxL=prompt_mask(batch),
         )
         loss, metrics = loss_fn(logits, batch, mutated.get("intermediates", {}), adapter_config)
         return {"ce_sum": metrics["ce"] * metrics["tokens"], "tokens": metrics["tokens"], "loss": loss}
