@@ -100,15 +100,7 @@ class CheckpointStore:
         """(state, data_state, meta) of `step`, placed like `abstract_state` (a TrainState of ShapeDtypeStructs
         carrying shardings, or of arrays). Raises MoeLoraError for another run's or a damaged checkpoint."""
         where = self.directory / str(step)
-        try:
-            meta = self._manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
-            raise MoeLoraError(f"checkpoint {where} is damaged ({type(e).__name__}): delete that step directory to resume from an earlier one") from None
-        self._check_identity(meta, where)
-        state_dir = where / "state"
-        if any(state_dir.glob("ocdbt.process_*")) and not (state_dir / "manifest.ocdbt").is_file():
-            raise MoeLoraError(f"checkpoint {where} is damaged (state/manifest.ocdbt is missing): "
-                               "delete that step directory to resume from an earlier one")
+        meta = self.check(step)
         target = jax.tree.map(_abstract, abstract_state.to_dict())
         try:
             with warnings.catch_warnings():
@@ -123,6 +115,20 @@ class CheckpointStore:
         if not all_finite(state.to_dict()):
             raise MoeLoraError(f"checkpoint {where} holds NaN or Inf: it is damaged; delete it to resume from an earlier step")
         return state, dict(meta.get("data_state", {})), dict(meta)
+
+    def check(self, step: int) -> dict[str, Any]:
+        """The metadata of `step`, after checking it is this run's and not visibly damaged (cheap: no arrays read)."""
+        where = self.directory / str(step)
+        try:
+            meta = self._manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
+            raise MoeLoraError(f"checkpoint {where} is damaged ({type(e).__name__}): delete that step directory to resume from an earlier one") from None
+        self._check_identity(meta, where)
+        state_dir = where / "state"
+        if any(state_dir.glob("ocdbt.process_*")) and not (state_dir / "manifest.ocdbt").is_file():
+            raise MoeLoraError(f"checkpoint {where} is damaged (state/manifest.ocdbt is missing): "
+                               "delete that step directory to resume from an earlier one")
+        return meta
 
     def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]] | None:
         step = self.latest_step()

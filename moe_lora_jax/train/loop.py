@@ -243,8 +243,9 @@ def train(
     from moe_lora_jax.atomic import run_lock
     from moe_lora_jax.parallel.multihost import is_main_process
 
+    check_output_dir(config)  # a file or a foreign directory: refused before the lock file is made
     with run_lock(config.output_dir, "train run") if is_main_process() else contextlib.nullcontext():
-        check_output_dir(config)
+        check_output_dir(config)  # again, now that no other run can change it
         return _train(config, progress=progress, stop_after=stop_after, run=run, batch_hook=batch_hook)
 
 
@@ -272,9 +273,6 @@ def _train(
     run = run or build_run(config, progress=progress)
     ac, loop = run.adapter_config, config.loop
 
-    state = TrainState.create(init_adapter(run.model, jax.random.key(config.seed)), run.optimizer, seed=config.seed)
-    state_sh = state_shardings(state, run.mesh)
-    state = put_global(state, state_sh)
     meta = {
         "base_model": str(run.model_path),
         "base_fingerprint": base_fingerprint(run.base),
@@ -284,6 +282,11 @@ def _train(
     ckpt = config.checkpoint
     store = CheckpointStore(Path(ckpt.dir) if ckpt.dir else out_dir / "checkpoints", keep=ckpt.keep, async_save=ckpt.async_save, meta=meta)
     try:
+        if store.latest_step() is not None:
+            store.check(store.latest_step())  # another run's or a damaged checkpoint: refused before the state is built
+        state = TrainState.create(init_adapter(run.model, jax.random.key(config.seed)), run.optimizer, seed=config.seed)
+        state_sh = state_shardings(state, run.mesh)
+        state = put_global(state, state_sh)
         restored = store.restore_latest(state)
     except BaseException:
         store.close()  # a refused or damaged checkpoint: stop orbax's threads before the error surfaces
