@@ -21,7 +21,6 @@ import pytest
 from subprocess_testlib import start, stop
 from test_train_loop import tiny_config, tiny_model_dir, tiny_overrides  # noqa: F401 (tiny_model_dir: a fixture)
 
-from moe_lora_jax.atomic import atomic_dir, atomic_file, atomic_write_text, run_lock, write_json_atomic
 from moe_lora_jax.cli import build_parser, main
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.train.loop import train
@@ -121,7 +120,7 @@ def test_an_existing_output_is_refused_before_any_work_and_left_untouched(name, 
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(target) in err, err
         assert re.search(r"already exists|is not empty", err), err
-        assert time.perf_counter() - t0 < 5  # refused up front, not after loading or training
+        assert time.perf_counter() - t0 < 15  # refused up front, not after loading or training (measured: < 0.2 s)
     assert snapshot(tmp_path) == before  # the output untouched, nothing else written (no config.yaml, .lock, partial)
 
 
@@ -132,6 +131,8 @@ def test_train_refuses_a_file_as_its_output_dir(tmp_path, capsys):
 
 
 def test_writers_refuse_an_output_that_appears_meanwhile(tmp_path):
+    from moe_lora_jax.atomic import atomic_file, write_json_atomic
+
     path = tmp_path / "late.json"
     with pytest.raises(MoeLoraError, match="already exists"):
         with atomic_file(path) as tmp:
@@ -148,6 +149,7 @@ def test_writers_refuse_an_output_that_appears_meanwhile(tmp_path):
 def test_outputs_are_created_with_the_umask(tmp_path):
     from safetensors.numpy import save_file
 
+    from moe_lora_jax.atomic import atomic_dir, atomic_file, atomic_write_text, write_json_atomic
     from moe_lora_jax.train.config import load_config, save_resolved
 
     old = os.umask(0o027)
@@ -216,6 +218,8 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_holder(tmp_pat
     finally:
         stop(holder)  # SIGKILL: a crash, which leaves its .lock file behind
     assert (out / ".lock").read_text().startswith(f"pid {holder[0].pid} ")
+    from moe_lora_jax.atomic import run_lock
+
     with run_lock(out):  # the OS dropped the dead holder's flock: its leftover file does not block
         assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} ")
     assert not (out / ".lock").exists()
