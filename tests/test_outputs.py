@@ -19,11 +19,11 @@ import jax
 import numpy as np
 import pytest
 from subprocess_testlib import start, stop
-from test_train_loop import tiny_config, tiny_model_dir, tiny_overrides  # noqa: F401 (tiny_model_dir: a fixture)
+from test_train_loop import tiny_config, tiny_model_dir  # noqa: F401 (tiny_model_dir: a fixture)
 
 from moe_lora_jax.cli import build_parser, main
 from moe_lora_jax.errors import MoeLoraError
-from moe_lora_jax.train.loop import train
+from moe_lora_jax.train.loop import build_run, train
 
 PRECIOUS = "precious\n"
 
@@ -248,7 +248,9 @@ def test_extending_a_run_replaces_its_adapter_and_logs_each_step_once(finished3,
     with open(metrics, "a") as f:  # a run killed after logging steps 4 and 5, before their checkpoint
         f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n" + '{"step": 5, "lo')
     capsys.readouterr()
-    result = train(tiny_config(tiny_model_dir, run, "loop.steps=5"), progress=False)
+    config = tiny_config(tiny_model_dir, run, "loop.steps=5")
+    built = build_run(config, progress=False)  # shared by both calls below: the rerun needs no new model or data
+    result = train(config, progress=False, run=built)
     printed = capsys.readouterr().out
     assert f"resumed from step 3 ({run / 'checkpoints' / '3'})" in printed
     assert "dropped 2 row(s) after step 3" in printed
@@ -268,7 +270,7 @@ def test_extending_a_run_replaces_its_adapter_and_logs_each_step_once(finished3,
     # killed after the adapter write, before the plot: the rerun says it is finished and plots
     (run / "loss.png").unlink()
     rows_before = metrics.read_bytes()
-    again = train(tiny_config(tiny_model_dir, run, "loop.steps=5"), progress=False)
+    again = train(config, progress=False, run=built)
     printed = capsys.readouterr().out
     assert f"already finished at step 5 (loop.steps=5): nothing to train" in printed
     assert again.step == 5 and again.history == [] and metrics.read_bytes() == rows_before
