@@ -63,7 +63,7 @@ def add_allocate_parser(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------- shared steps
 def _check_outputs(args: argparse.Namespace) -> None:
     """Fail before the slow work if an output exists or has the wrong suffix."""
-    from moe_lora_jax.allocation.allocation import check_new_file
+    from moe_lora_jax.atomic import check_new_file
 
     check_new_file(args.json)
     if args.plot is not None:
@@ -134,7 +134,7 @@ def analysis_json(model: str, note: str | None, estimator: str, dtype: str, fits
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from moe_lora_jax.allocation.allocation import write_json_atomic
+    from moe_lora_jax.atomic import write_json_atomic
 
     _check_outputs(args)
     label, note = _model_label(args.model)
@@ -212,21 +212,10 @@ def _print_counts(alloc: Any, metric: Sequence[float] | None) -> None:
 # ----------------------------------------------------------------------------- plots
 def _save_figure(fig: Any, path: str | Path) -> None:
     """Save through a temporary sibling file that is linked into place (never replaces an existing file)."""
-    import os
-    import tempfile
+    from moe_lora_jax.atomic import atomic_file
 
-    from moe_lora_jax.allocation.allocation import publish_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        publish_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _pyplot():

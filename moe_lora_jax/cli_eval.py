@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=24, help="exact-match: longest completion")
-    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the full result (examples included) here")
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the full result (examples included) to this new file (never overwritten)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
 
@@ -45,8 +44,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise MoeLoraError(f"--batch-size={args.batch_size}: use at least 1")
     if args.max_new_tokens < 1:
         raise MoeLoraError(f"--max-new-tokens={args.max_new_tokens}: ask for at least 1 token")
-    if args.json_out is not None and Path(args.json_out).is_dir():
-        raise MoeLoraError(f"--json {args.json_out} is a directory: name a file")
+    if args.json_out is not None:
+        from moe_lora_jax.atomic import check_new_file
+
+        if Path(args.json_out).is_dir():
+            raise MoeLoraError(f"--json {args.json_out} is a directory: name a file")
+        check_new_file(args.json_out)  # never overwritten (not even the --data file): fail before the slow work
 
 
 def load_model_and_adapter(model_arg: str | None, adapter_dir: str | None, merge: bool = False):
@@ -124,6 +127,8 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(result, args.kind))
     if args.json_out is not None:
         meta = {"model": str(path), "adapter": args.adapter, "data": args.data, "split": args.split, "kind": args.kind}
-        Path(args.json_out).write_text(json.dumps({**meta, **result}, indent=2, default=str))
+        from moe_lora_jax.atomic import write_json_atomic
+
+        write_json_atomic(args.json_out, {**meta, **result}, allow_nan=True, default=str)
         print(f"wrote {args.json_out}")
     return 0

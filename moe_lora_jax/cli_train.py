@@ -8,7 +8,6 @@ after training, the loss going down, a checkpoint, the metrics and a loss plot.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -89,18 +88,32 @@ def fresh_dir(base: Path) -> Path:
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
-    import jax
-
-    from moe_lora_jax.data import load_records
-    from moe_lora_jax.evaluate import exact_match_eval
-    from moe_lora_jax.train.loop import build_run, train
-    from moe_lora_jax.train.state import init_adapter
+    from moe_lora_jax.atomic import run_lock
+    from moe_lora_jax.train.loop import check_output_dir
 
     config = _config(QUICKSTART_CONFIG, args)
     if args.output_dir is None:
         config = config.replace(output_dir=str(fresh_dir(Path(config.output_dir))))
     if args.eval_examples < 1:
         raise MoeLoraError(f"--eval-examples={args.eval_examples}: score at least 1 example")
+    report = Path(config.output_dir) / "quickstart.json"
+    if report.exists():
+        raise MoeLoraError(f"{config.output_dir} holds a finished quickstart ({report}): choose a new --output-dir")
+    check_output_dir(config)  # before the slow model load: another run's directory is refused
+    with run_lock(config.output_dir, "quickstart"):
+        return _quickstart(config, args, report)
+
+
+def _quickstart(config: Any, args: argparse.Namespace, report_path: Path) -> int:
+    import jax
+
+    from moe_lora_jax.atomic import write_json_atomic
+    from moe_lora_jax.data import load_records
+    from moe_lora_jax.evaluate import exact_match_eval
+    from moe_lora_jax.train.loop import build_run, check_output_dir, train
+    from moe_lora_jax.train.state import init_adapter
+
+    check_output_dir(config)  # again, now that the directory is ours
     progress = not args.no_progress
     print(f"quickstart: writing to {config.output_dir}")
     run = build_run(config, progress=progress)
@@ -125,8 +138,8 @@ def run_quickstart(args: argparse.Namespace) -> int:
         print(f"{task:<18}{before['per_task'][task]:>8.3f}{after['per_task'][task]:>8.3f}")
     print(f"{'all':<18}{before['accuracy']:>8.3f}{after['accuracy']:>8.3f}")
     report = {**summary, "exact_match_before": before, "exact_match_after": after}
-    (Path(config.output_dir) / "quickstart.json").write_text(json.dumps(report, indent=2))
-    print(f"report: {Path(config.output_dir) / 'quickstart.json'}")
+    write_json_atomic(report_path, report, allow_nan=True)
+    print(f"report: {report_path}")
     return 0
 
 
@@ -141,7 +154,9 @@ def _print_summary(result: Any) -> dict[str, Any]:
         summary["eval_loss"] = result.evals
         print("validation loss " + ", ".join(f"{e['eval/loss']:.4f} (step {e['step']})" for e in result.evals))
     out = Path(result.output_dir)
-    for name in ("metrics.jsonl", "loss.png", "checkpoints", "adapter"):
+    for name in ("metrics.jsonl", "loss.png", "checkpoints"):
         if (out / name).exists():
             print(f"  {out / name}")
+    if result.adapter_dir is not None:  # only an adapter this run wrote (not one an earlier, shorter run left)
+        print(f"  {result.adapter_dir} (step {result.step})")
     return summary

@@ -18,7 +18,7 @@ from moe_lora_jax.train.loop import train
 from moe_lora_jax.train.state import TrainState
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with tests/test_outputs.py
 def tiny_model_dir(tmp_path_factory, smollm2):
     """A random 2-layer LLaMA with SmolLM2's vocabulary and tokenizer (chat template included)."""
     d = tmp_path_factory.mktemp("tiny") / "model"

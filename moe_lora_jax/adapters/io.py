@@ -87,8 +87,10 @@ def check_adapter_shapes(adapter: Mapping[str, Any], model_config: Any, adapter_
 
 # ------------------------------------------------------------------ save
 def save_adapter(out_dir: str | Path, adapter: Mapping[str, Any], adapter_config: AdapterConfig, model_config: Any,
-                 format: str = "native", base_model_name_or_path: str | None = None) -> Path:
-    """Write `adapter` to a new directory `out_dir` in `format` ("native", "peft" or "mixlora")."""
+                 format: str = "native", base_model_name_or_path: str | None = None, replace: bool = False) -> Path:
+    """Write `adapter` to a new directory `out_dir` in `format` ("native", "peft" or "mixlora").
+
+    With `replace` an existing `out_dir` is swapped for the new one in one step (a run's own final adapter)."""
     import flax.linen as nn
 
     adapter = nn.unbox(adapter)
@@ -99,7 +101,7 @@ def save_adapter(out_dir: str | Path, adapter: Mapping[str, Any], adapter_config
         from safetensors.numpy import save_file
 
         meta = {"format": NATIVE_FORMAT, "adapter_config": adapter_config.to_dict(), "base": _base_shape(model_config)}
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, replace=replace) as tmp:
             save_file(flat, str(tmp / "adapter.safetensors"))
             (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
         return Path(out_dir)
@@ -130,16 +132,16 @@ def save_adapter(out_dir: str | Path, adapter: Mapping[str, Any], adapter_config
             "init_lora_weights": True,
             "modules_to_save": None,
         }
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, replace=replace) as tmp:
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         return Path(out_dir)
     if format == "mixlora":
-        return _save_mixlora(out_dir, adapter, adapter_config, model_config, base_name)
+        return _save_mixlora(out_dir, adapter, adapter_config, model_config, base_name, replace)
     raise MoeLoraError(f"unknown adapter format {format!r}: use native, peft or mixlora")
 
 
-def _save_mixlora(out_dir, adapter, ac: AdapterConfig, model_config, base_name: str) -> Path:
+def _save_mixlora(out_dir, adapter, ac: AdapterConfig, model_config, base_name: str, replace: bool = False) -> Path:
     if ac.method != "mixlora":
         raise MoeLoraError(f"the mixlora format holds MixLoRA adapters, not {ac.method}: save with format='native'")
     if ac.dropout <= 0.0:
@@ -185,7 +187,7 @@ def _save_mixlora(out_dir, adapter, ac: AdapterConfig, model_config, base_name: 
         "jitter_noise": float(ac.router_jitter),
         "act_fn": "silu",
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         torch.save(weights, tmp / "adapter_model.bin")
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return Path(out_dir)

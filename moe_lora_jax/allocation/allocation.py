@@ -29,7 +29,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -358,54 +357,5 @@ class Allocation:
         return cls.from_dict(d, source=str(path))
 
 
-def check_new_file(path: str | os.PathLike) -> Path:
-    """Raise unless `path` can be created (call it before long work, so a clash fails early)."""
-    path = Path(path)
-    if path.is_dir():
-        raise MoeLoraError(f"{path} is a directory: give a file name for the output")
-    if path.exists():
-        raise MoeLoraError(f"{path} already exists: choose a new file name or remove it first")
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, overwrite: bool = False) -> Path:
-    """json.dump `obj` to `path` through a temporary sibling file; NaN is refused.
-
-    Without `overwrite` an existing `path` is never replaced: the finished file is
-    hard-linked into place, which fails atomically if `path` appeared meanwhile.
-    """
-    path = Path(path)
-    try:
-        text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    except ValueError as e:
-        raise MoeLoraError(f"cannot write {path}: {e} (replace NaN/inf by null first)") from None
-    if path.is_dir():
-        raise MoeLoraError(f"{path} is a directory: give a file name for the JSON output")
-    if not overwrite:
-        check_new_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        publish_file(tmp, path, overwrite)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def publish_file(tmp: str, path: Path, overwrite: bool = False) -> None:
-    """Move the finished temporary file `tmp` to `path`, with the permissions of a normally created file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise MoeLoraError(f"{path} already exists: choose a new file name or remove it first") from None
-    except OSError:  # no hard links on this filesystem: the existence check above has to do
-        os.replace(tmp, path)
+# The writers live in moe_lora_jax.atomic, the one module every output goes through.
+from moe_lora_jax.atomic import check_new_file, publish_file, write_json_atomic  # noqa: E402,F401

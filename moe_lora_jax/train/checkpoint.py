@@ -100,11 +100,7 @@ class CheckpointStore:
         """(state, data_state, meta) of `step`, placed like `abstract_state` (a TrainState of ShapeDtypeStructs
         carrying shardings, or of arrays). Raises MoeLoraError for another run's or a damaged checkpoint."""
         where = self.directory / str(step)
-        try:
-            meta = self._manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
-            raise MoeLoraError(f"checkpoint {where} is damaged ({type(e).__name__}): delete that step directory to resume from an earlier one") from None
-        self._check_identity(meta, where)
+        meta = self.check(step)
         target = jax.tree.map(_abstract, abstract_state.to_dict())
         try:
             with warnings.catch_warnings():
@@ -120,6 +116,20 @@ class CheckpointStore:
             raise MoeLoraError(f"checkpoint {where} holds NaN or Inf: it is damaged; delete it to resume from an earlier step")
         return state, dict(meta.get("data_state", {})), dict(meta)
 
+    def check(self, step: int) -> dict[str, Any]:
+        """The metadata of `step`, after checking it is this run's and not visibly damaged (cheap: no arrays read)."""
+        where = self.directory / str(step)
+        try:
+            meta = self._manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
+            raise MoeLoraError(f"checkpoint {where} is damaged ({type(e).__name__}): delete that step directory to resume from an earlier one") from None
+        self._check_identity(meta, where)
+        state_dir = where / "state"
+        if any(state_dir.glob("ocdbt.process_*")) and not (state_dir / "manifest.ocdbt").is_file():
+            raise MoeLoraError(f"checkpoint {where} is damaged (state/manifest.ocdbt is missing): "
+                               "delete that step directory to resume from an earlier one")
+        return meta
+
     def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]] | None:
         step = self.latest_step()
         return None if step is None else self.restore(step, abstract_state)
@@ -130,10 +140,31 @@ class CheckpointStore:
                 _identity_value(key, self.meta[key])
             ):
                 what = "base model" if key == "base_fingerprint" else "adapter (method, sizes or Allocation)"
+                prefix = "base model fingerprint" if key == "base_fingerprint" else "adapter"
+                diffs = differences(_jsonable(meta[key]), _jsonable(self.meta[key]), prefix)
+                shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
                 raise MoeLoraError(
-                    f"checkpoint {where} was written with another {what} than this run's: "
-                    "use the same model and adapter to resume, or a new output_dir / checkpoint.dir to start afresh"
+                    f"checkpoint {where} was written with another {what} than this run's ({shown}): "
+                    "use the same model and adapter to resume, or a new output_dir / checkpoint.dir to start afresh; "
+                    "nothing was written"
                 )
+
+
+def differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """"path old -> new" for each leaf that differs between two JSON-like values (checkpoint vs this run)."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out += differences(old.get(k, "(absent)"), new.get(k, "(absent)"), f"{prefix}.{k}")
+        return out
+    if old == new:
+        return []
+    return [f"{prefix} {_show(old)} -> {_show(new)}"]
+
+
+def _show(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _abstract(x: Any) -> Any:

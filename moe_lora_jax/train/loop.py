@@ -11,6 +11,13 @@ Reads a `TrainConfig`; writes under `output_dir`:
     checkpoints/<step>/  orbax: adapter, optimizer state, step, RNG, data position, run identity
     adapter/             the final adapter (moe_lora_jax native format; `load_adapter` reads it)
     loss.png             train (and validation) loss against step
+    .lock                held while a run is in progress (see `moe_lora_jax.atomic.run_lock`)
+
+A run directory belongs to one run: a second process is refused (lock), another
+adapter is refused (the checkpoint's identity), and a directory that holds other
+files, or an adapter/ without a checkpoint, is refused before any work. The final
+adapter/ and loss.png are replaced, in one step, at the end of every run that reaches
+loop.steps (so extending a finished run replaces them); a refused run writes nothing.
 
 Every process runs this function; process 0 alone logs, plots and writes files
 other than checkpoints (orbax coordinates those).
@@ -212,6 +219,69 @@ def _batch_for_step(batch: Mapping[str, np.ndarray], ac: Any, task_types: np.nda
     return out
 
 
+# ----------------------------------------------------------------------------- run directory
+RUN_MARKER = "config.yaml"  # every run directory has one: written before the first step
+
+
+def _checkpoint_dir(config: TrainConfig) -> Path:
+    return Path(config.checkpoint.dir) if config.checkpoint.dir else Path(config.output_dir) / "checkpoints"
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuse, before any work, an output_dir that holds something other than this kind of run.
+
+    Allowed: absent, empty, or a run directory (config.yaml). Refused: a file, a non-empty
+    directory of other files, and a final adapter/ without a checkpoint that shows whose it is.
+    """
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise MoeLoraError(f"output_dir {out} is a file: choose a directory")
+    if not out.is_dir():
+        return
+    entries = [p.name for p in out.iterdir() if p.name != ".lock" and ".partial-" not in p.name]
+    if entries and RUN_MARKER not in entries:
+        raise MoeLoraError(
+            f"output_dir {out} is not empty and holds no run ({RUN_MARKER} is missing; it has e.g. {sorted(entries)[0]}): "
+            "choose a new output_dir; nothing was written"
+        )
+    ckpt_dir = _checkpoint_dir(config)
+    has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if (out / "adapter").exists() and not has_ckpt:
+        raise MoeLoraError(
+            f"{out / 'adapter'} holds a final adapter but {ckpt_dir} has no checkpoint to show which run wrote it: "
+            "choose a new output_dir (or move that adapter away); nothing was written"
+        )
+
+
+def _drop_replayed_metrics(path: Path, start: int) -> int:
+    """Keep the metrics rows up to the checkpoint the run resumes from (step `start`); return how many were dropped.
+
+    Rows past it (and a line cut short by a kill) are logged again by the resumed run.
+    """
+    import json
+
+    from moe_lora_jax.atomic import atomic_write_text
+
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if step < start or (step == start and start > 0):
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept), overwrite=True)
+    return dropped
+
+
 # ----------------------------------------------------------------------------- loop
 def train(
     config: TrainConfig,
@@ -222,7 +292,28 @@ def train(
     batch_hook: Callable[[int, dict], dict] | None = None,
 ) -> RunResult:
     """Train (or resume) as `config` says. `stop_after=k` ends after step k with a checkpoint,
-    as an interruption would; `batch_hook(step, batch)` may rewrite a batch (tests use it)."""
+    as an interruption would; `batch_hook(step, batch)` may rewrite a batch (tests use it).
+
+    Holds the run directory's lock throughout; a second run in the same directory is refused."""
+    import contextlib
+
+    from moe_lora_jax.atomic import run_lock
+    from moe_lora_jax.parallel.multihost import is_main_process
+
+    check_output_dir(config)  # a file or a foreign directory: refused before the lock file is made
+    with run_lock(config.output_dir, "train run") if is_main_process() else contextlib.nullcontext():
+        check_output_dir(config)  # again, now that no other run can change it
+        return _train(config, progress=progress, stop_after=stop_after, run=run, batch_hook=batch_hook)
+
+
+def _train(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    run: Run | None = None,
+    batch_hook: Callable[[int, dict], dict] | None = None,
+) -> RunResult:
     from moe_lora_jax.adapters.io import save_adapter
     from moe_lora_jax.data import eval_batches
     from moe_lora_jax.parallel.multihost import is_main_process
@@ -238,15 +329,9 @@ def train(
     main = is_main_process()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(config, out_dir)
     run = run or build_run(config, progress=progress)
     ac, loop = run.adapter_config, config.loop
-    if main and ac.allocation is not None and not (out_dir / "allocation.json").exists():
-        ac.allocation.to_json(out_dir / "allocation.json")
 
-    state = TrainState.create(init_adapter(run.model, jax.random.key(config.seed)), run.optimizer, seed=config.seed)
-    state_sh = state_shardings(state, run.mesh)
-    state = put_global(state, state_sh)
     meta = {
         "base_model": str(run.model_path),
         "base_fingerprint": base_fingerprint(run.base),
@@ -255,11 +340,32 @@ def train(
     }
     ckpt = config.checkpoint
     store = CheckpointStore(Path(ckpt.dir) if ckpt.dir else out_dir / "checkpoints", keep=ckpt.keep, async_save=ckpt.async_save, meta=meta)
-    restored = store.restore_latest(state)
+    try:
+        if store.latest_step() is not None:
+            store.check(store.latest_step())  # another run's or a damaged checkpoint: refused before the state is built
+        state = TrainState.create(init_adapter(run.model, jax.random.key(config.seed)), run.optimizer, seed=config.seed)
+        state_sh = state_shardings(state, run.mesh)
+        state = put_global(state, state_sh)
+        restored = store.restore_latest(state)
+    except BaseException:
+        store.close()  # a refused or damaged checkpoint: stop orbax's threads before the error surfaces
+        raise
     if restored is not None:
         state, data_state, _ = restored
         run.data.train.restore(data_state)
     start = int(state.step)
+    if main:  # the checkpoint (if any) is this run's: only now is anything written
+        save_resolved(config, out_dir)
+        if ac.allocation is not None and not (out_dir / "allocation.json").exists():
+            ac.allocation.to_json(out_dir / "allocation.json")
+        if restored is not None:
+            print(f"resumed from step {start} ({store.directory / str(start)})", flush=True)
+        if start >= loop.steps:
+            print(f"the run in {out_dir} already finished at step {start} (loop.steps={loop.steps}): nothing to train"
+                  + ("" if start > loop.steps else "; raise loop.steps to train further"), flush=True)
+        dropped = _drop_replayed_metrics(out_dir / "metrics.jsonl", start)
+        if dropped:
+            print(f"metrics.jsonl: dropped {dropped} row(s) after step {start}, which this run logs again", flush=True)
 
     step_fn = make_train_step(run.model, ac, run.optimizer, grad_accum=loop.grad_accum, lr_schedule=run.schedule, mesh=run.mesh)
     steps = CompiledSteps(step_fn, run.mesh, state, state_sh, run.base, run.base_shardings)
@@ -326,10 +432,11 @@ def train(
         writer.close()
     result.state = state
     if main and result.step == loop.steps:
+        # always this run's final state: replaces (in one step) the adapter of a shorter run being extended
         adapter_dir = out_dir / "adapter"
-        if not adapter_dir.exists():
-            save_adapter(adapter_dir, jax.device_get(state.adapter), ac, run.model_config, base_model_name_or_path=str(run.model_path))
+        save_adapter(adapter_dir, jax.device_get(state.adapter), ac, run.model_config, base_model_name_or_path=str(run.model_path),
+                     replace=True)
         result.adapter_dir = adapter_dir
-    if main and result.history:
-        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    if main and (out_dir / "metrics.jsonl").is_file() and (out_dir / "metrics.jsonl").stat().st_size:
+        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")  # also after a kill between adapter and plot
     return result

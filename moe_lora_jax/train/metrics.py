@@ -280,9 +280,9 @@ def plot_losses(
     if plotted:
         ax.legend()
     ax.grid(alpha=0.3)
+    from moe_lora_jax.atomic import atomic_file
+
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    with atomic_file(out, overwrite=True, suffix=".png") as tmp:  # a run's own plot: replaced in one step
+        fig.savefig(tmp, format="png")
     return out
