@@ -137,3 +137,15 @@ def test_train_names_a_nonfinite_update_and_prints_without_progress(tiny_model_d
     assert "optim.eps" in message and "\n" not in message
     # the step-1 checkpoint holds the untouched initial adapter (never NaN); nothing was refused
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_checkpoint_refusal_names_the_nonfinite_leaf(tmp_path):
+    from moe_lora_jax.train.checkpoint import CheckpointStore
+
+    state = TrainState.create({"a": np.ones((2,), np.float32), "b": {"w": np.ones((2, 2), np.float32)}}, optax.sgd(0.1))
+    bad = state.replace(adapter={"a": state.adapter["a"], "b": {"w": jnp.asarray([[1.0, np.inf], [0.0, 1.0]], jnp.float32)}})
+    store = CheckpointStore(tmp_path / "ck", async_save=False)
+    with pytest.raises(MoeLoraError, match=r"holds NaN or Inf \(first at adapter/b/w\)"):
+        store.save(1, bad, {})
+    store.close()
+    assert store.steps == []

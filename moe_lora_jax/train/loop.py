@@ -238,6 +238,7 @@ def train(
             bar.write(message)
         elif main:
             print(message, flush=True)
+
     t_last, tokens_since = time.perf_counter(), 0.0
     try:
         if start == 0 and start < end:  # the validation loss before any training, for comparison
