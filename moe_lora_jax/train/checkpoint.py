@@ -53,6 +53,17 @@ def all_finite(tree: Any) -> bool:
     return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype, np.inexact))
 
 
+def first_nonfinite(tree: Any) -> str | None:
+    """Path ('adapter/layers_0/.../lora_A') of the first leaf holding NaN/Inf, or None."""
+    from moe_lora_jax.train.optim import path_str
+
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+            return path_str(path)
+    return None
+
+
 class CheckpointStore:
     """An orbax CheckpointManager keeping the last `keep` steps; saves are asynchronous by default.
 
@@ -73,8 +84,9 @@ class CheckpointStore:
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: TrainState, data_state: Mapping[str, Any], *, force: bool = False) -> bool:
         """Save `state` at `step`. A state holding NaN/Inf is never written (MoeLoraError)."""
-        if not all_finite(state.to_dict()):
-            raise MoeLoraError(f"refusing to checkpoint step {step}: the train state holds NaN or Inf")
+        bad = first_nonfinite(state.to_dict())
+        if bad is not None:
+            raise MoeLoraError(f"refusing to checkpoint step {step}: the train state holds NaN or Inf (first at {bad})")
         meta = {**self.meta, "data_state": _jsonable(data_state), "step": int(step)}
         args = self._ocp.args.Composite(
             state=self._ocp.args.StandardSave(state.to_dict()), meta=self._ocp.args.JsonSave(meta)

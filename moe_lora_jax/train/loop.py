@@ -282,6 +282,16 @@ def _drop_replayed_metrics(path: Path, start: int) -> int:
     return dropped
 
 
+def _nonfinite_fix(flags: Any) -> str:
+    """What to try, by the group that went non-finite (loss, gradients, updated adapter, optimizer state)."""
+    loss, grads, adapter, opt = (bool(x) for x in np.asarray(flags).tolist())
+    if loss or grads:
+        return "lower optim.lr or check the data"
+    if adapter:
+        return "the optimizer's update is NaN/Inf from finite gradients: check optim.lr and optim.eps (eps > 0)"
+    return "the optimizer state overflowed: lower optim.lr, set optim.clip_norm, or check the data"
+
+
 # ----------------------------------------------------------------------------- loop
 def train(
     config: TrainConfig,
@@ -321,7 +331,7 @@ def _train(
     from moe_lora_jax.train.checkpoint import CheckpointStore, base_fingerprint
     from moe_lora_jax.train.metrics import MetricsWriter, Progress, plot_losses
     from moe_lora_jax.train.state import TrainState, init_adapter, state_shardings
-    from moe_lora_jax.train.step import CompiledSteps, make_eval_step, make_train_step
+    from moe_lora_jax.train.step import CompiledSteps, describe_nonfinite, make_eval_step, make_train_step
 
     if run is None:
         check_config(config)  # a bad setting fails before anything is written
@@ -387,6 +397,13 @@ def _train(
     end = loop.steps if stop_after is None else min(loop.steps, stop_after)
     writer = MetricsWriter(out_dir, enabled=main)
     bar = Progress(loop.steps, initial=start, desc="train", enabled=progress and main)
+
+    def say(message: str) -> None:  # above the bar, or a plain line when there is none (batch jobs)
+        if bar.enabled:
+            bar.write(message)
+        elif main:
+            print(message, flush=True)
+
     t_last, tokens_since = time.perf_counter(), 0.0
     try:
         if start == 0 and start < end:  # the validation loss before any training, for comparison
@@ -402,12 +419,13 @@ def _train(
             done = step + 1
             tokens_since += float(np.sum(batch["attention_mask"])) * jax.process_count()
             if int(metrics["nonfinite"]):
-                bar.write(f"step {done}: loss or gradients not finite; update skipped ({int(state.nonfinite_run)} in a row)")
+                what = describe_nonfinite(metrics["nonfinite/flags"], metrics["nonfinite/leaf"], state.adapter, state.opt_state)
+                say(f"step {done}: NaN/Inf in the {what}; update skipped ({int(state.nonfinite_run)} in a row)")
                 if int(state.nonfinite_run) >= loop.max_nonfinite_steps:
                     result.stopped_early = True
                     raise MoeLoraError(
-                        f"{int(state.nonfinite_run)} consecutive steps had NaN/Inf loss or gradients (loop.max_nonfinite_steps="
-                        f"{loop.max_nonfinite_steps}): lower optim.lr or check the data; the last good checkpoint is kept"
+                        f"{int(state.nonfinite_run)} consecutive steps had NaN/Inf, the last in the {what} (loop.max_nonfinite_steps="
+                        f"{loop.max_nonfinite_steps}): {_nonfinite_fix(metrics['nonfinite/flags'])}; the last good checkpoint is kept"
                     )
             if done % loop.log_every == 0 or done == end:
                 now = time.perf_counter()
@@ -421,7 +439,7 @@ def _train(
                 if val is not None:
                     writer.write(done, {"eval/loss": val})
                     result.evals.append({"step": done, "eval/loss": val})
-                    bar.write(f"step {done}: validation loss {val:.4f}")
+                    say(f"step {done}: validation loss {val:.4f}")
             if done % ckpt.every == 0 or done == end:
                 store.save(done, state, run.data.train.state())
             bar.update(1, loss=f"{float(metrics['loss']):.4f}")

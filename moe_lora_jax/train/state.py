@@ -14,7 +14,7 @@ Fields:
     adapter         float32    the `adapter` collection (LoRA, expert banks, routers)
     opt_state                  optax state of `adapter` (float32; its own count of applied updates)
     rng             uint32 [2] raw PRNG key data; step t uses fold_in(rng, t), so the key never changes
-    nonfinite_total int32 []   steps whose loss or gradients were NaN/Inf (their update was skipped)
+    nonfinite_total int32 []   steps whose loss, gradients or updated state were NaN/Inf (their update was skipped)
     nonfinite_run   int32 []   consecutive such steps up to now (0 after a good step)
 """
 

@@ -16,9 +16,15 @@ One step:
    tokens n_m / N, so the accumulated gradient equals that of one pass over the whole
    batch; balance terms (functions of router statistics) are averaged over micro-batches.
 3. Non-finite guard: if the loss or any gradient is NaN/Inf, the optimizer update is
-   skipped (`lax.cond`): the adapter, optimizer state and rng are returned unchanged;
-   only `step` and the non-finite counters move, and `metrics["nonfinite"]` is 1.
-4. Otherwise optax (clipping, AdamW) updates the adapter.
+   skipped (`lax.cond`). Otherwise optax (clipping, AdamW) computes the update, and it is
+   kept only if the new adapter and the new optimizer state are finite too (an lr of NaN,
+   eps=0 on a zero gradient, an overflowing second moment all make a NaN there from finite
+   gradients). A skipped step returns the adapter, optimizer state and rng unchanged; only
+   `step` and the non-finite counters move, and `metrics["nonfinite"]` is 1.
+   `metrics["nonfinite/flags"]` (int32 [4], order `NONFINITE_GROUPS`: loss, gradients,
+   updated adapter, updated optimizer state) says which group was not finite, and
+   `metrics["nonfinite/leaf"]` the index of its first non-finite leaf (-1: none) in
+   `jax.tree.leaves` order; `describe_nonfinite` turns both into a sentence.
 
 Metrics: loss (task CE + weighted balance terms), ce, every balance term, accuracy,
 tokens, grad_norm, lr, nonfinite, and per layer router/layer_<i>/{entropy,
@@ -44,6 +50,9 @@ from moe_lora_jax.train.metrics import routing_stats
 from moe_lora_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
+
+# The groups the non-finite guard checks, in the order of metrics["nonfinite/flags"].
+NONFINITE_GROUPS = ("loss", "gradients", "updated adapter", "updated optimizer state")
 
 
 def response_tokens(batch: Batch) -> jax.Array:
@@ -150,7 +159,17 @@ def make_train_step(
     def _apply_update(operands):
         adapter, opt_state, grads = operands
         updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
-        return optax.apply_updates(adapter, updates), new_opt_state
+        new_adapter = optax.apply_updates(adapter, updates)
+        # Finite gradients can still give a non-finite update (lr=NaN, eps=0 on a zero gradient,
+        # a second moment that overflows): keep the old state then. One reduction per leaf.
+        adapter_ok, opt_ok = _leaf_finite(new_adapter), _leaf_finite(new_opt_state)
+        good = jnp.all(adapter_ok) & jnp.all(opt_ok)
+        kept = jax.lax.cond(good, lambda o: o[:2], lambda o: o[2:], (new_adapter, new_opt_state, adapter, opt_state))
+        return kept, jnp.stack([~jnp.all(adapter_ok), ~jnp.all(opt_ok)]), jnp.stack([_first_false(adapter_ok), _first_false(opt_ok)])
+
+    def _skip_update(operands):
+        none = jnp.full((2,), -1, jnp.int32)
+        return operands[:2], jnp.zeros((2,), bool), none
 
     def train_step(state: TrainState, base_params: Any, batch: Batch):
         batch = dict(batch)
@@ -176,12 +195,16 @@ def make_train_step(
         metrics["loss"] = objective
 
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-        finite = jnp.isfinite(objective) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        loss_ok, grads_ok = jnp.isfinite(objective), _leaf_finite(grads)
+        finite = loss_ok & jnp.all(grads_ok)
         # lax.cond rather than a per-leaf jnp.where: the where form made XLA's CPU compile time
         # superlinear in the number of adapter leaves (8 MoLA layers: 22 s vs 6 s with cond).
-        new_adapter, new_opt_state = jax.lax.cond(
-            finite, _apply_update, lambda operands: operands[:2], (state.adapter, state.opt_state, grads)
+        (new_adapter, new_opt_state), update_bad, update_leaf = jax.lax.cond(
+            finite, _apply_update, _skip_update, (state.adapter, state.opt_state, grads)
         )
+        flags = jnp.concatenate([jnp.stack([~loss_ok, ~jnp.all(grads_ok)]), update_bad]).astype(jnp.int32)
+        first_leaf = jnp.concatenate([jnp.array([-1], jnp.int32), _first_false(grads_ok)[None], update_leaf])
+        finite = ~jnp.any(flags > 0)
         new_state = state.replace(
             step=state.step + 1,
             adapter=new_adapter,
@@ -190,11 +213,46 @@ def make_train_step(
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1).astype(jnp.int32),
         )
         metrics.update(grad_norm=grad_norm, tokens=n_total, nonfinite=(~finite).astype(jnp.int32))
+        metrics["nonfinite/flags"], metrics["nonfinite/leaf"] = flags, first_leaf
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.applied_updates), jnp.float32)
         return new_state, metrics
 
     return train_step
+
+
+def _leaf_finite(tree: Any) -> jax.Array:
+    """bool [n_leaves]: whether each leaf of `tree` is all finite (integer leaves always are)."""
+    oks = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else jnp.bool_(True) for x in jax.tree.leaves(tree)]
+    return jnp.stack(oks) if oks else jnp.ones((0,), bool)
+
+
+def _first_false(ok: jax.Array) -> jax.Array:
+    """Index of the first False in `ok`, or -1 if there is none (int32)."""
+    if ok.shape[0] == 0:
+        return jnp.int32(-1)
+    return jnp.where(jnp.all(ok), -1, jnp.argmin(ok)).astype(jnp.int32)
+
+
+def describe_nonfinite(flags: Any, first_leaf: Any, adapter: Any, opt_state: Any) -> str:
+    """'gradients (first at layers_0/self_attn/q_proj/lora_B)', from a step's nonfinite/flags and nonfinite/leaf.
+
+    `adapter` and `opt_state` give the leaf names (their structure, e.g. the state's own trees).
+    """
+    from moe_lora_jax.train.optim import path_str
+
+    flags, first_leaf = np.asarray(flags).tolist(), np.asarray(first_leaf).tolist()
+    trees = (None, adapter, adapter, opt_state)  # gradients are shaped like the adapter
+    parts = []
+    for name, bad, leaf, tree in zip(NONFINITE_GROUPS, flags, first_leaf, trees):
+        if not bad:
+            continue
+        if tree is not None and leaf >= 0:
+            paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+            if leaf < len(paths):
+                name += f" (first at {paths[leaf]})"
+        parts.append(name)
+    return ", ".join(parts) if parts else "nothing"
 
 
 def _one(grad_fn, adapter, base, batch, key, n_total):
