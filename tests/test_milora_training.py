@@ -117,7 +117,7 @@ def tiny_run_dir(tmp_path_factory, smollm2):
 def _method_options(method: str) -> list[str]:
     return {
         "lora": [], "molora": ["adapter.num_experts=2"], "mov": ["adapter.num_experts=2"],
-        "mola": ["adapter.num_experts=2", "adapter.top_k=1"], "loramoe": ["adapter.num_experts=2"],
+        "mola": ["adapter.num_experts=2", "adapter.top_k=1"], "loramoe": ["adapter.num_experts=2", "data.world_knowledge_tasks=[a]"],
         "mixlora": ["adapter.num_experts=2", "adapter.top_k=1"], "milora": ["adapter.top_k=2", "adapter.milora_router_dim=8"],
     }[method]
 
