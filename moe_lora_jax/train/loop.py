@@ -310,6 +310,8 @@ def train(
     from moe_lora_jax.atomic import run_lock
     from moe_lora_jax.parallel.multihost import is_main_process
 
+    if run is None:
+        check_config(config)  # a bad setting fails before anything is written, the lock file included
     check_output_dir(config)  # a file or a foreign directory: refused before the lock file is made
     with run_lock(config.output_dir, "train run") if is_main_process() else contextlib.nullcontext():
         check_output_dir(config)  # again, now that no other run can change it
@@ -333,8 +335,6 @@ def _train(
     from moe_lora_jax.train.state import TrainState, init_adapter, state_shardings
     from moe_lora_jax.train.step import CompiledSteps, describe_nonfinite, make_eval_step, make_train_step
 
-    if run is None:
-        check_config(config)  # a bad setting fails before anything is written
     out_dir = Path(config.output_dir)
     main = is_main_process()
     if main:
