@@ -28,7 +28,7 @@ RENORMALIZE = (True, False, "always")  # True: when k > 1; "always": also at top
 MILORA_ACTIVATIONS = ("rational", "gelu", "relu")
 
 # Loss weights and term options live in the train config's objective section (moe_lora_jax.objective).
-from moe_lora_jax.objective.weights import (  # noqa: E402  (re-exported for older imports)
+from moe_lora_jax.objective.weights import (  # noqa: E402, F401  (re-exported for older imports)
     COEF_DEFAULTS, COEF_METHODS, CONTRASTIVE_METHODS, LORAMOE_FORMS, OBJECTIVE_FIELDS, SWITCH_FORMS,
 )
 # Fields that change neither a parameter's shape nor the routing structure: training-time

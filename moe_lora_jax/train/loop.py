@@ -487,8 +487,9 @@ def _train(
     if main and result.step == loop.steps:
         # always this run's final state: replaces (in one step) the adapter of a shorter run being extended
         adapter_dir = out_dir / "adapter"
-        save_adapter(adapter_dir, jax.device_get(state.adapter), ac, run.model_config, base_model_name_or_path=str(run.model_path),
-                     replace=True)
+        # the saved adapter serves inference: it does not sow the contrastive loss's expert outputs
+        save_adapter(adapter_dir, jax.device_get(state.adapter), ac.replace(sow_expert_outputs=False), run.model_config,
+                     base_model_name_or_path=str(run.model_path), replace=True)
         result.adapter_dir = adapter_dir
     if main and (out_dir / "metrics.jsonl").is_file() and (out_dir / "metrics.jsonl").stat().st_size:
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")  # also after a kill between adapter and plot
