@@ -5,8 +5,9 @@ Router statistics come from the model's `intermediates` collection
 `router_logits` [B, L, E] and `router_gates` [B, L, E] (MixLoRA: one per FFN, under
 `mlp`), MiLoRA sows `milora_logits` [B, M] per layer. `router_stats` flattens that tree
 into a list of `RouterStat`; the balance terms are functions of that list and a token
-mask, so any of them can be swapped by editing one function. With contrastive_coef > 0
-the expert banks also sow `expert_gram` [B, L, E, E] (inner products of the experts'
+mask, so any of them can be swapped by editing one function. Their weights come from the
+train config's `objective` section (`moe_lora_jax.objective.Objective`). With
+objective.contrastive_coef > 0 (adapter sow_expert_outputs) the expert banks also sow `expert_gram` [B, L, E, E] (inner products of the experts'
 outputs), read by `expert_stats` for the contrastive expert loss.
 """
 
@@ -221,7 +222,7 @@ def milora_prompt_balance(stats: list[RouterStat], mask_B: jax.Array | None = No
 @dataclass(frozen=True)
 class ExpertStat:
     """One routed expert bank: layer, module, the Gram matrix of its experts' ungated outputs [..., E, E]
-    (`expert_gram`, sown only when contrastive_coef > 0) and its router's gates [..., E]."""
+    (`expert_gram`, sown only with sow_expert_outputs) and its router's gates [..., E]."""
 
     layer: int
     module: str
@@ -311,15 +312,17 @@ def contrastive_expert_loss(stats: list[ExpertStat], top_k: int | None, temperat
 
 # ------------------------------------------------------------------ everything
 def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates: Mapping[str, Any] | None,
-               adapter_config: Any | None):
-    """Task CE plus every balance term whose coefficient in `adapter_config` is non-zero.
+               adapter_config: Any | None, objective: Any = None):
+    """Task CE plus every balance term whose weight in `objective` is non-zero.
 
-    Switch, importance and z-loss read the token routers, or for MiLoRA its prompt routers (one
-    decision per prompt: the terms are taken over the batch's prompts).
+    objective: an `Objective` (moe_lora_jax.objective) or a mapping of its fields; None or a field left at
+    None takes the method's default (resolved by `resolve_objective`, which refuses a weight the method's
+    routers do not define). Switch, importance and z-loss read the token routers, or for MiLoRA its prompt
+    routers (one decision per prompt: the terms are taken over the batch's prompts).
 
     batch: input_ids [B, L]; attention_mask [B, L] (optional; masks routers' padding tokens);
     loss_mask [B, L] (optional; defaults to attention_mask); task_types [B] (LoRAMoE).
-    The contrastive expert loss (contrastive_coef > 0) reads `expert_gram` from the intermediates.
+    The contrastive expert loss (objective.contrastive_coef > 0) reads `expert_gram` from the intermediates.
     """
     input_ids = batch["input_ids"]
     attn = batch.get("attention_mask")
@@ -337,33 +340,36 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
         # (logits [B, M]), counting every row that holds a token (eval batches pad with empty rows).
         stats = router_stats(inter, "milora")
         mask = None if attn is None else jnp.any(jnp.asarray(attn).astype(bool), axis=1)
+    from moe_lora_jax.objective import resolve_objective
+
+    obj = resolve_objective(objective, ac.method)
     terms = []
-    if ac.resolved_switch_coef and stats:
-        fn = switch_aux_mola if ac.resolved_switch_form == "mola" else switch_aux_mixtral
-        terms.append((ac.resolved_switch_coef, fn(stats, _layer_top_k(ac), mask)))
-    if ac.importance_coef and stats:
-        terms.append((ac.importance_coef, importance_cv2(stats, mask)))
-    if ac.z_loss_coef and stats:
-        terms.append((ac.z_loss_coef, router_z_loss(stats, mask)))
-    if ac.method == "loramoe" and ac.resolved_loramoe_coef:
+    if obj.switch_coef and stats:
+        fn = switch_aux_mola if obj.switch_form == "mola" else switch_aux_mixtral
+        terms.append((obj.switch_coef, fn(stats, _layer_top_k(ac), mask)))
+    if obj.importance_coef and stats:
+        terms.append((obj.importance_coef, importance_cv2(stats, mask)))
+    if obj.z_loss_coef and stats:
+        terms.append((obj.z_loss_coef, router_z_loss(stats, mask)))
+    if ac.method == "loramoe" and obj.loramoe_coef:
         if batch.get("task_types") is None:
             raise MoeLoraError(
                 "LoRAMoE's localized balancing constraint needs a per-example task type: add 'task_types' "
-                "(1 = world knowledge, 0 = other) to the batch, or set loramoe_coef=0"
+                "(1 = world knowledge, 0 = other) to the batch, or set objective.loramoe_coef=0"
             )
-        terms.append((ac.resolved_loramoe_coef, loramoe_localized(stats, jnp.asarray(batch["task_types"]), ac.loramoe_delta, attn,
-                                                          form=getattr(ac, "loramoe_form", "code"))))
-    if getattr(ac, "contrastive_coef", 0.0):
+        terms.append((obj.loramoe_coef, loramoe_localized(stats, jnp.asarray(batch["task_types"]), obj.loramoe_delta, attn,
+                                                          form=obj.loramoe_form)))
+    if obj.contrastive_coef:
         ex = expert_stats(inter)
         if not ex:
             raise MoeLoraError(
-                "contrastive_coef > 0 but the model sowed no expert_gram: apply the model built with this adapter config "
-                "(with mutable=['intermediates'])"
+                "objective.contrastive_coef > 0 but the model sowed no expert_gram: build the model with "
+                "adapter_config.replace(sow_expert_outputs=True) and apply it with mutable=['intermediates']"
             )
         sel_k = None if ac.method in ("mola", "mixlora") else ac.top_k  # sparse routers: their own selection
-        terms.append((ac.contrastive_coef, contrastive_expert_loss(ex, sel_k, ac.contrastive_temperature, attn)))
-    if ac.method == "milora" and ac.resolved_milora_coef:
-        terms.append((ac.resolved_milora_coef, milora_prompt_balance(stats, mask)))
+        terms.append((obj.contrastive_coef, contrastive_expert_loss(ex, sel_k, obj.contrastive_temperature, attn)))
+    if ac.method == "milora" and obj.milora_coef:
+        terms.append((obj.milora_coef, milora_prompt_balance(stats, mask)))
     for coef, (value, m) in terms:
         loss = loss + coef * value
         metrics.update(m)

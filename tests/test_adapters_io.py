@@ -117,7 +117,7 @@ def test_mixlora_export_loads_in_mixlora_with_same_logits(tmp_path, hf_base):
 
     ac_back, adapter_back = load_adapter(out, config)
     _assert_trees_identical(adapter_back, adapter)
-    assert ac_back == ac.replace(target_modules=LINEAR_MODULES, switch_coef=ac.resolved_switch_coef)
+    assert ac_back == ac.replace(target_modules=LINEAR_MODULES)
 
 
 def test_mixlora_export_refuses_what_the_package_cannot_read(tmp_path, hf_base):
@@ -143,10 +143,10 @@ def _native_config(method: str, num_layers: int) -> AdapterConfig:
     """Each method with some non-default options, so the config round-trip is not trivially the default."""
     extra = {
         "lora": dict(use_rslora=True, target_modules=("q", "k", "down")),
-        "molora": dict(num_experts=3, importance_coef=0.01),
+        "molora": dict(num_experts=3, router_init_range=0.05),
         "mov": dict(num_experts=3, target_modules=("v", "ffn")),
-        "mola": dict(top_k=1, allocation=_mola_allocation(num_layers), switch_coef=2e-3),
-        "loramoe": dict(num_experts=4, loramoe_delta=0.2),
+        "mola": dict(top_k=1, allocation=_mola_allocation(num_layers), renormalize="always"),
+        "loramoe": dict(num_experts=4, lora_init="normal"),
         "mixlora": dict(num_experts=3, top_k=2, dropout=0.05, router_jitter=0.01),
         "milora": dict(top_k=3, milora_pooling="max", milora_router_dim=16),
     }[method]

@@ -11,6 +11,7 @@ from adapter_testlib import TINY, batch, init_adapter, randomize, tiny_base
 from moe_lora_jax import LlamaForCausalLM, MoeLoraError
 from moe_lora_jax.adapters import AdapterConfig
 from moe_lora_jax.adapters.layers import lora_expert_gram
+from moe_lora_jax.objective import Objective, resolve_objective
 from moe_lora_jax.losses import (
     ExpertStat,
     contrastive_expert_loss,
@@ -133,7 +134,7 @@ def base():
 def _configs(method):
     targets = ("gate", "up", "down") if method == "mixlora" else ("q", "down")
     ac0 = AdapterConfig(method=method, num_experts=E_MODEL, top_k=2, rank=4, target_modules=targets)
-    return ac0, ac0.replace(contrastive_coef=0.5)
+    return ac0, ac0.replace(sow_expert_outputs=True)  # what the loop sets for objective.contrastive_coef > 0
 
 
 @pytest.mark.parametrize("method", ["mola", "mixlora"])
@@ -149,7 +150,7 @@ def test_gradient_reaches_every_expert_and_the_output_is_unchanged(base, method)
             logits, state = LlamaForCausalLM(config, ac).apply({"params": params, "adapter": a}, ids, mask,
                                                                mutable=["intermediates"])
             top_k = None  # mola and mixlora: the router's own top-2
-            return contrastive_expert_loss(expert_stats(state), top_k, ac.contrastive_temperature, jnp.asarray(mask))[0], logits
+            return contrastive_expert_loss(expert_stats(state), top_k, 0.07, jnp.asarray(mask))[0], logits
 
         (value, logits), grads = jax.value_and_grad(contrastive, has_aux=True)(ad)
         logits0 = LlamaForCausalLM(config, ac0).apply({"params": params, "adapter": ad}, ids, mask)
@@ -211,46 +212,51 @@ def test_total_loss_adds_the_weighted_term():
     inter = {"intermediates": {"layers_0": {"mlp": {
         "up_proj": {"router_logits": (jnp.log(gates),), "router_gates": (gates,), "expert_gram": (gram,)},
         "down_proj": {"router_logits": (jnp.log(gates),), "router_gates": (gates,), "expert_gram": (gram2,)}}}}}
-    ac = AdapterConfig(method="molora", num_experts=E, top_k=2, contrastive_coef=0.3, contrastive_temperature=0.2)
-    loss, metrics = jax.jit(total_loss, static_argnums=3)(logits, {"input_ids": ids, "attention_mask": mask}, inter, ac)
+    ac = AdapterConfig(method="molora", num_experts=E, top_k=2)
+    obj = Objective(contrastive_coef=0.3, contrastive_temperature=0.2)
+    loss, metrics = jax.jit(total_loss, static_argnums=(3, 4))(logits, {"input_ids": ids, "attention_mask": mask}, inter, ac, obj)
     term = (terms(gram, gates, 2, 0.2, mask) + terms(gram2, gates, 2, 0.2, mask)) / 2  # the mean over banks
-    _, metrics_off = jax.jit(total_loss, static_argnums=3)(logits, {"input_ids": ids, "attention_mask": mask}, inter,
-                                                           ac.replace(contrastive_coef=0.0))
+    _, metrics_off = jax.jit(total_loss, static_argnums=(3, 4))(logits, {"input_ids": ids, "attention_mask": mask}, inter,
+                                                                ac, obj.replace(contrastive_coef=0.0))
     assert "contrastive" not in metrics_off
     assert float(metrics["contrastive"]) == pytest.approx(float(term), rel=1e-6)
     assert float(loss) == pytest.approx(float(cross_entropy(logits, ids, mask)[0] + 0.3 * term), rel=1e-6)
     for m in ("up_proj", "down_proj"):
         del inter["intermediates"]["layers_0"]["mlp"][m]["expert_gram"]
     with pytest.raises(MoeLoraError, match="no expert_gram"):
-        total_loss(logits, {"input_ids": ids, "attention_mask": mask}, inter, ac)
+        total_loss(logits, {"input_ids": ids, "attention_mask": mask}, inter, ac, obj)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="lora", contrastive_coef=0.1), "contrastive_coef=0.1 does not apply to method lora"),
-        (dict(method="mov", contrastive_coef=0.1), "contrastive_coef=0.1 does not apply to method mov"),
-        (dict(method="milora", contrastive_coef=0.1), "contrastive_coef=0.1 does not apply to method milora"),
-        (dict(method="mola", contrastive_coef=-1.0), "contrastive_coef=-1.0 must be >= 0"),
-        (dict(method="mola", contrastive_temperature=0.0), "contrastive_temperature=0.0 must be positive"),
-        (dict(method="loramoe", loramoe_form="cv"), "loramoe_form='cv': use one of code, paper"),
+        (dict(method="lora", contrastive_coef=0.1), "objective.contrastive_coef=0.1 does not apply to method lora"),
+        (dict(method="mov", contrastive_coef=0.1), "objective.contrastive_coef=0.1 does not apply to method mov"),
+        (dict(method="milora", contrastive_coef=0.1), "objective.contrastive_coef=0.1 does not apply to method milora"),
+        (dict(method="mola", contrastive_coef=-1.0), r"objective.contrastive_coef=-1.0 is negative"),
+        (dict(method="mola", contrastive_temperature=0.0), "objective.contrastive_temperature=0.0 must be positive"),
+        (dict(method="loramoe", loramoe_form="cv"), "objective.loramoe_form='cv': use one of code, paper"),
     ],
 )
 def test_bad_settings_are_one_clear_error(kwargs, message):
+    method = kwargs.pop("method")
     with pytest.raises(MoeLoraError, match=message) as e:
-        AdapterConfig(**kwargs)
+        resolve_objective(kwargs, method)
     assert "\n" not in str(e.value)
+    if "contrastive_coef" in kwargs and kwargs["contrastive_coef"] > 0:  # the model flag it sets is refused alike
+        with pytest.raises(MoeLoraError, match=f"sow_expert_outputs does not apply to method {method}"):
+            AdapterConfig(method=method, sow_expert_outputs=True)
 
 
 def test_settings_round_trip_through_json():
     import json
 
-    ac = AdapterConfig(method="loramoe", contrastive_coef=0.05, contrastive_temperature=0.2, loramoe_form="paper")
-    back = AdapterConfig.from_dict(json.loads(json.dumps(ac.to_dict())))
-    assert back == ac and back.contrastive_coef == 0.05 and back.loramoe_form == "paper"
-    old = {k: v for k, v in AdapterConfig(method="mola").to_dict().items()
-           if k not in ("contrastive_coef", "contrastive_temperature", "loramoe_form")}
-    restored = AdapterConfig.from_dict(old)  # written before these fields existed
+    obj = Objective(contrastive_coef=0.05, contrastive_temperature=0.2, loramoe_form="paper")
+    back = Objective.from_dict(json.loads(json.dumps(obj.to_dict())))
+    assert back == obj and back.contrastive_coef == 0.05 and back.loramoe_form == "paper"
+    restored = resolve_objective({}, "mola")  # every term option at its default
     assert (restored.contrastive_coef, restored.contrastive_temperature, restored.loramoe_form) == (0.0, 0.07, "code")
+    ac = AdapterConfig(method="loramoe", sow_expert_outputs=True)
+    assert AdapterConfig.from_dict(json.loads(json.dumps(ac.to_dict()))) == ac
     # coefficient 0 is allowed on every method
-    assert AdapterConfig(method="lora", contrastive_coef=0.0).contrastive_coef == 0.0
+    assert resolve_objective({"contrastive_coef": 0.0}, "lora").contrastive_coef == 0.0

@@ -248,8 +248,11 @@ def test_bad_adapter_settings_fail_in_one_line_before_data_or_weights(tmp_path, 
 def test_numeric_strings_in_float_adapter_fields_are_numbers():
     from moe_lora_jax.adapters import AdapterConfig
 
-    ac = AdapterConfig(method="mola", switch_coef="1e-3", rank=8.0)  # YAML reads 1e-3 as a string
-    assert ac.switch_coef == 1e-3 and ac.rank == 8 and isinstance(ac.rank, int)
+    from moe_lora_jax.objective import Objective
+
+    ac = AdapterConfig(method="mola", router_init_range="1e-3", rank=8.0)  # YAML reads 1e-3 as a string
+    assert ac.router_init_range == 1e-3 and ac.rank == 8 and isinstance(ac.rank, int)
+    assert Objective(switch_coef="1e-3").switch_coef == 1e-3
 
 
 def test_train_output_dir_that_is_a_file(tmp_path, capsys):

@@ -12,6 +12,7 @@ from moe_lora_jax import MoeLoraError
 from moe_lora_jax.adapters import AdapterConfig
 from moe_lora_jax.data import task_type_table
 from moe_lora_jax.losses import RouterStat, loramoe_localized, total_loss
+from moe_lora_jax.objective import Objective
 from moe_lora_jax.train.config import load_config
 from moe_lora_jax.train.loop import _batch_for_step, loramoe_task_types, train
 
@@ -47,8 +48,9 @@ def test_paper_form_is_var_over_mean_a_factor_mean_z_from_the_code_form():
     def values(t):
         out = {"code1": loramoe_localized(stats[:1], t, delta)[0], "paper1": loramoe_localized(stats[:1], t, delta, form="paper")[0]}
         for form in ("code", "paper"):
-            ac = AdapterConfig(method="loramoe", num_experts=E, loramoe_form=form, loramoe_coef=0.1)
-            out[f"{form}_total"] = total_loss(jnp.zeros((B, L, 5)), dict(batch, task_types=t), inter, ac)[1]["loramoe_blc"]
+            ac = AdapterConfig(method="loramoe", num_experts=E)
+            obj = Objective(loramoe_form=form, loramoe_coef=0.1)
+            out[f"{form}_total"] = total_loss(jnp.zeros((B, L, 5)), dict(batch, task_types=t), inter, ac, obj)[1]["loramoe_blc"]
             out[form] = loramoe_localized(stats, t, delta, form=form)[0]
         return out
 
@@ -83,10 +85,10 @@ def test_data_config_names_the_world_knowledge_tasks():
     np.testing.assert_array_equal(loramoe_task_types(cfg, TASKS), [0, 1, 0, 1])
     missing = load_config(None, ["adapter.method=loramoe"])
     assert missing.data.world_knowledge_tasks is None
-    with pytest.raises(MoeLoraError, match=r"set data.world_knowledge_tasks .*some of \['arithmetic'.*loramoe_coef=0"):
+    with pytest.raises(MoeLoraError, match=r"set data.world_knowledge_tasks .*some of \['arithmetic'.*objective.loramoe_coef=0"):
         loramoe_task_types(missing, TASKS)
     # not needed: the constraint is off, or another method
-    assert loramoe_task_types(load_config(None, ["adapter.method=loramoe", "adapter.loramoe_coef=0"]), TASKS) is None
+    assert loramoe_task_types(load_config(None, ["adapter.method=loramoe", "objective.loramoe_coef=0"]), TASKS) is None
     assert loramoe_task_types(load_config(None, ["adapter.method=mola"]), TASKS) is None
     with pytest.raises(MoeLoraError, match="capitals"):
         loramoe_task_types(load_config(None, ["adapter.method=mola", "data.world_knowledge_tasks=[capitals]"]), TASKS)

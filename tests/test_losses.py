@@ -9,6 +9,7 @@ import pytest
 
 from moe_lora_jax import MoeLoraError
 from moe_lora_jax.adapters import AdapterConfig
+from moe_lora_jax.objective import Objective
 from moe_lora_jax.losses import (
     RouterStat,
     cross_entropy,
@@ -188,8 +189,8 @@ def test_total_loss_adds_configured_terms():
     mask = jnp.asarray(_mask())
     batch = {"input_ids": ids, "attention_mask": mask}
     inter = _intermediates(2, E)
-    ac = AdapterConfig(method="mola", num_experts=E, z_loss_coef=1e-2, importance_coef=0.5)
-    loss, metrics = total_loss(logits, batch, inter, ac)
+    ac = AdapterConfig(method="mola", num_experts=E)
+    loss, metrics = total_loss(logits, batch, inter, ac, Objective(z_loss_coef=1e-2, importance_coef=0.5))
     ce = cross_entropy(logits, ids, mask)[0]
     from moe_lora_jax.losses import router_stats
 

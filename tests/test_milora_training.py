@@ -15,7 +15,8 @@ from adapter_testlib import TINY, init_adapter, randomize, tiny_base
 
 from moe_lora_jax import LlamaForCausalLM
 from moe_lora_jax.adapters import AdapterConfig
-from moe_lora_jax.adapters.config import COEF_METHODS, METHODS
+from moe_lora_jax.adapters.config import METHODS
+from moe_lora_jax.objective import COEF_METHODS, Objective, legacy_objective, resolve_objective
 from moe_lora_jax.adapters.layers import RATIONAL_GELU_DEN, RATIONAL_GELU_NUM, pool, rational, router_activation
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.losses import cross_entropy, milora_prompt_balance, router_stats, total_loss
@@ -172,8 +173,9 @@ def test_balance_terms_apply_to_milora_prompt_routers_per_prompt():
     attn[3] = 0  # an empty filler row: it must not count
     layers = [rng.normal(size=(B, M)).astype(np.float32) * 2 for _ in range(2)]
     inter = _milora_intermediates(layers)
-    ac = AdapterConfig(method="milora", top_k=k, z_loss_coef=0.3, importance_coef=0.2, switch_coef=0.1, milora_coef=0.05)
-    loss, metrics = jax.jit(lambda b, i: total_loss(logits, b, i, ac))({"input_ids": ids, "attention_mask": jnp.asarray(attn)}, inter)
+    ac = AdapterConfig(method="milora", top_k=k)
+    obj = Objective(z_loss_coef=0.3, importance_coef=0.2, switch_coef=0.1, milora_coef=0.05)
+    loss, metrics = jax.jit(lambda b, i: total_loss(logits, b, i, ac, obj))({"input_ids": ids, "attention_mask": jnp.asarray(attn)}, inter)
 
     z = imp = sw = mil = 0.0
     for x in layers:
@@ -203,24 +205,31 @@ def test_balance_terms_apply_to_milora_prompt_routers_per_prompt():
 def test_a_coefficient_that_cannot_apply_is_a_one_line_error():
     for name, methods in COEF_METHODS.items():
         for method in METHODS:
-            extra = dict(num_experts=2) if method == "loramoe" else {}
             if method in methods:
-                AdapterConfig(method=method, **{name: 0.5}, **extra)
+                assert getattr(resolve_objective({name: 0.5}, method), name) == 0.5
                 continue
             with pytest.raises(MoeLoraError) as err:
-                AdapterConfig(method=method, **{name: 0.5}, **extra)
+                resolve_objective({name: 0.5}, method)
             msg = str(err.value)
-            assert "\n" not in msg and f"{name}=0.5" in msg and f"method {method}" in msg, msg
-            AdapterConfig(method=method, **{name: 0.0}, **extra)  # an explicit 0 is fine
-    # the defaults raise nothing for any method and resolve per method
+            assert "\n" not in msg and f"objective.{name}=0.5" in msg and f"method {method}" in msg, msg
+            assert getattr(resolve_objective({name: 0.0}, method), name) == 0.0  # an explicit 0 is fine
+    # the defaults raise nothing for any method and resolve per method (the papers' values)
     for method in METHODS:
+        obj = resolve_objective(None, method)
+        assert obj.loramoe_coef == (0.1 if method == "loramoe" else 0.0)
+        assert obj.milora_coef == (1e-2 if method == "milora" else 0.0)
+        assert obj.switch_coef == (1e-3 if method in ("mola", "mixlora") else 0.0)
+        assert obj.switch_form == ("mixtral" if method == "mixlora" else "mola")
         ac = AdapterConfig(method=method)
-        assert ac.resolved_loramoe_coef == (0.1 if method == "loramoe" else 0.0)
-        assert ac.resolved_milora_coef == (1e-2 if method == "milora" else 0.0)
         assert AdapterConfig.from_dict(json.loads(json.dumps(ac.to_dict()))) == ac
-    # an adapter saved before the check (loramoe_coef=0.1, milora_coef=0.01 for every method) still loads
-    old = {**AdapterConfig(method="mola").to_dict(), "loramoe_coef": 0.1, "milora_coef": 0.01, "z_loss_coef": 0.0}
+    # an adapter saved when the weights were adapter fields (loramoe_coef=0.1, milora_coef=0.01 for every
+    # method, before the applicability check) still loads; its weights read back as the objective it trained with
+    old = {**AdapterConfig(method="mola").to_dict(), "switch_coef": 2e-3, "switch_form": None, "importance_coef": 0.0,
+           "z_loss_coef": 0.0, "loramoe_coef": 0.1, "milora_coef": 0.01, "loramoe_delta": 0.1,
+           "contrastive_coef": 0.0, "contrastive_temperature": 0.07, "loramoe_form": "code"}
     assert AdapterConfig.from_dict(old) == AdapterConfig(method="mola")
+    legacy = resolve_objective(legacy_objective(old), "mola")
+    assert (legacy.switch_coef, legacy.loramoe_coef, legacy.milora_coef, legacy.switch_form) == (2e-3, 0.0, 0.0, "mola")
     with pytest.raises(MoeLoraError, match="milora_activation='tanh'"):
         AdapterConfig(method="milora", milora_activation="tanh")
 

@@ -248,11 +248,18 @@ def test_extending_a_run_replaces_its_adapter_and_logs_each_step_once(finished3,
     with open(metrics, "a") as f:  # a run killed after logging steps 4 and 5, before their checkpoint
         f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n" + '{"step": 5, "lo')
     capsys.readouterr()
-    config = tiny_config(tiny_model_dir, run, "loop.steps=5")
+    # loss weights, dropout and jitter are not the adapter's identity: the run resumes with new values, logged
+    config = tiny_config(tiny_model_dir, run, "loop.steps=5", "objective.z_loss_coef=0.001", "objective.switch_coef=0",
+                         "adapter.dropout=0.1")
     built = build_run(config, progress=False)  # shared by both calls below: the rerun needs no new model or data
     result = train(config, progress=False, run=built)
     printed = capsys.readouterr().out
     assert f"resumed from step 3 ({run / 'checkpoints' / '3'})" in printed
+    for line in ("objective.z_loss_coef 0.0 -> 0.001", "objective.switch_coef 0.001 -> 0.0", "adapter.dropout 0.0 -> 0.1"):
+        assert f"resume: {line} (resume continues)" in printed, printed
+    assert [h["step"] for h in result.history] == [4, 5]
+    for row in result.history:  # the steps after the resume train with the new weights
+        assert "switch_aux" not in row and np.isfinite(row["z_loss"]) and row["z_loss"] > 0
     assert "dropped 2 row(s) after step 3" in printed
     _, step5 = load_adapter(run / "adapter")
     final = _flat(result.state.adapter)
@@ -276,6 +283,12 @@ def test_extending_a_run_replaces_its_adapter_and_logs_each_step_once(finished3,
     assert again.step == 5 and again.history == [] and metrics.read_bytes() == rows_before
     assert (run / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in run.iterdir() if ".partial-" in p.name or p.name == ".lock") == []
+    from moe_lora_jax.train.checkpoint import CheckpointStore
+
+    store = CheckpointStore(run / "checkpoints", async_save=False)
+    meta = store.check(5)  # the new weights are recorded with the checkpoint
+    store.close()
+    assert meta["objective"]["z_loss_coef"] == 0.001 and meta["adapter_config"]["dropout"] == 0.1
 
 
 def _current_umask() -> int:
@@ -285,7 +298,7 @@ def _current_umask() -> int:
 
 
 @pytest.mark.parametrize("override, field", [
-    ("adapter.z_loss_coef=0.001", "adapter.z_loss_coef 0.0 -> 0.001"),
+    ("adapter.rank=2", "adapter.rank 4 -> 2"),
     ("adapter.method=lora", "adapter.method mola -> lora"),
 ])
 def test_a_refused_resume_names_the_field_and_writes_nothing(finished3, tiny_model_dir, override, field):  # noqa: F811

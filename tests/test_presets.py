@@ -18,6 +18,7 @@ from moe_lora_jax.adapters.layers import AdapterContext, expert_bank_delta, ia3_
 from moe_lora_jax.adapters.presets import PRESETS, apply_preset
 from moe_lora_jax.cli import main as cli_main
 from moe_lora_jax.losses import router_stats
+from moe_lora_jax.objective import OBJECTIVE_FIELDS
 from moe_lora_jax.train.config import load_config
 from moe_lora_jax.train.loop import adapter_config_from
 
@@ -139,15 +140,22 @@ def _plain(v):
 
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - {"mola", "alphalora"}))
 def test_preset_values_reach_the_adapter_config(name):
+    from moe_lora_jax.adapters.presets import preset_objective
+    from moe_lora_jax.objective import OBJECTIVE_FIELDS, resolve_objective
+
     ac = AdapterConfig(**apply_preset({"preset": name}, num_layers=2))
-    for key, value in PRESETS[name].values.items():
-        assert _plain(getattr(ac, key)) == _plain(value), key
+    objective = resolve_objective(None, ac.method, preset_objective({"preset": name}))
+    for key, value in PRESETS[name].values.items():  # loss weights reach the objective, the rest the adapter
+        assert _plain(getattr(objective if key in OBJECTIVE_FIELDS else ac, key)) == _plain(value), key
 
 
 def test_preset_allocation_recipes_and_key_by_key_override(base):
     config, params = base
     ac = adapter_config_from({"preset": "mola", "rank": 4, "dropout": 0.1}, params, config)
-    assert (ac.method, ac.rank, ac.alpha, ac.dropout, ac.top_k, ac.resolved_switch_coef) == ("mola", 4, 16.0, 0.1, 2, 0.0)
+    from moe_lora_jax.train.loop import run_objective
+
+    switch = run_objective(load_config(None, ["adapter.preset=mola"]), ac.method).switch_coef
+    assert (ac.method, ac.rank, ac.alpha, ac.dropout, ac.top_k, switch) == ("mola", 4, 16.0, 0.1, 2, 0.0)
     counts = ac.expert_counts("q", config.num_hidden_layers)
     assert sum(counts) == 5 * config.num_hidden_layers and counts[0] < counts[-1]  # more experts higher up
     alpha = apply_preset({"preset": "AlphaLoRA"}, num_layers=30)
@@ -188,11 +196,12 @@ def test_info_presets_lists_every_preset_with_its_values(capsys):
             listed[current][key] = json.loads(value)
     assert set(listed) == set(PRESETS)
     for name, preset in PRESETS.items():
-        assert listed[name] == {k: _plain(v) for k, v in preset.values.items()}
+        assert listed[name] == {(f"objective.{k}" if k in OBJECTIVE_FIELDS else k): _plain(v) for k, v in preset.values.items()}
     assert cli_main(["info", "--presets", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == set(PRESETS) and data["mixlora"]["values"]["num_experts"] == 8
     assert set(data["loramoe"]["sources"]) == set(data["loramoe"]["values"])
+    assert data["mixlora"]["objective"] == {"switch_coef": 1e-3} and "switch_coef" not in data["mixlora"]["values"]
 
 
 def test_checkpoint_written_before_the_new_fields_still_resumes(tmp_path):

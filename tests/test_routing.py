@@ -45,7 +45,7 @@ def _router_grad_norms(config, params, ac, seed: int = 3) -> dict[str, float]:
 def test_top1_router_learns_from_the_task_loss(base, method):
     config, params = base
     targets = {"mola": ("q", "v"), "mixlora": ("up",), "milora": ("q", "v", "up")}[method]
-    ac = AdapterConfig(method=method, num_experts=4, top_k=1, switch_coef=0.0, milora_coef=0.0, target_modules=targets)
+    ac = AdapterConfig(method=method, num_experts=4, top_k=1, target_modules=targets)
     norms = _router_grad_norms(config, params, ac)
     assert norms and all(n > 1e-4 for n in norms.values()), norms  # a gate of exactly 1 gave ~3e-10
 

@@ -21,39 +21,30 @@ ATTENTION_MODULES = ("q", "k", "v", "o")
 FFN_MODULES = ("gate", "up", "down")
 MOV_MODULES = ("k", "v", "ffn")  # "ffn": the SwiGLU activation silu(gate) * up that feeds down_proj
 POOLINGS = ("attention", "mean", "last", "max")
-SWITCH_FORMS = ("mola", "mixtral")
-LORAMOE_FORMS = ("code", "paper")  # code: CV^2 = var/mean^2 (the authors' code); paper: var/mean (the paper's equation)
-CONTRASTIVE_METHODS = ("molora", "mola", "loramoe", "mixlora")  # methods whose experts are LoRA experts
 ROUTER_INITS = ("kaiming", "normal")
 LORA_INITS = ("kaiming", "normal")  # LoRA A: torch nn.Linear's kaiming-uniform (PEFT) or normal(0.02) (MoV paper's code)
 MOV_ROUTINGS = ("head", "token")  # MoV on k/v: per attention head (reference MoVAttention) or once per token
 RENORMALIZE = (True, False, "always")  # True: when k > 1; "always": also at top-1 (gate 1, the references' code)
 MILORA_ACTIVATIONS = ("rational", "gelu", "relu")
 
-# Balance-term coefficients and the methods whose routers define them. Switch needs a top-k
-# selection (mola, mixlora, milora); importance and z-loss need a router (every method but lora);
-# LoRAMoE's constraint needs LoRAMoE's two expert groups; MiLoRA's term its prompt routers.
-# A coefficient set non-zero for any other method is an error (AdapterConfig.__post_init__).
-COEF_METHODS: dict[str, tuple[str, ...]] = {
-    "switch_coef": ("mola", "mixlora", "milora"),
-    "importance_coef": ("molora", "mov", "mola", "loramoe", "mixlora", "milora"),
-    "z_loss_coef": ("molora", "mov", "mola", "loramoe", "mixlora", "milora"),
-    "loramoe_coef": ("loramoe",),
-    "milora_coef": ("milora",),
-}
-# Defaults of the method-specific coefficients left at None (0 for every other method).
-COEF_DEFAULTS: dict[str, dict[str, float]] = {"loramoe_coef": {"loramoe": 0.1}, "milora_coef": {"milora": 1e-2}}
+# Loss weights and term options live in the train config's objective section (moe_lora_jax.objective).
+from moe_lora_jax.objective.weights import (  # noqa: E402, F401  (re-exported for older imports)
+    COEF_DEFAULTS, COEF_METHODS, CONTRASTIVE_METHODS, LORAMOE_FORMS, OBJECTIVE_FIELDS, SWITCH_FORMS,
+)
+# Fields that change neither a parameter's shape nor the routing structure: training-time
+# regularisers and what the model sows for the objective. A checkpoint's identity leaves them out.
+NON_IDENTITY_FIELDS = ("dropout", "router_jitter", "sow_expert_outputs")
 
 # Method defaults for the fields that are `None` in a user's config.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": dict(target_modules=LINEAR_MODULES, router_init="kaiming", switch_coef=0.0, switch_form="mola"),
+    "lora": dict(target_modules=LINEAR_MODULES, router_init="kaiming"),
     # for-ai/parameter-efficient-moe configs/molora.gin: router and A normal(stddev=2e-2) (src/molora.py), B zeros
-    "molora": dict(target_modules=LINEAR_MODULES, router_init="normal", switch_coef=0.0, switch_form="mola", lora_init="normal"),
-    "mov": dict(target_modules=MOV_MODULES, router_init="normal", switch_coef=0.0, switch_form="mola"),
-    "mola": dict(target_modules=LINEAR_MODULES, router_init="kaiming", switch_coef=1e-3, switch_form="mola"),
-    "loramoe": dict(target_modules=FFN_MODULES, router_init="kaiming", switch_coef=0.0, switch_form="mola"),
-    "mixlora": dict(target_modules=LINEAR_MODULES, router_init="normal", switch_coef=1e-3, switch_form="mixtral"),
-    "milora": dict(target_modules=LINEAR_MODULES, router_init="normal", switch_coef=0.0, switch_form="mola"),
+    "molora": dict(target_modules=LINEAR_MODULES, router_init="normal", lora_init="normal"),
+    "mov": dict(target_modules=MOV_MODULES, router_init="normal"),
+    "mola": dict(target_modules=LINEAR_MODULES, router_init="kaiming"),
+    "loramoe": dict(target_modules=FFN_MODULES, router_init="kaiming"),
+    "mixlora": dict(target_modules=LINEAR_MODULES, router_init="normal"),
+    "milora": dict(target_modules=LINEAR_MODULES, router_init="normal"),
 }
 for _defaults in METHOD_DEFAULTS.values():
     _defaults.setdefault("lora_init", "kaiming")  # PEFT's A init, which MoLA, LoRAMoE and MixLoRA's code keep
@@ -77,25 +68,21 @@ class AdapterConfig:
         False: never renormalise.
       router_init: "kaiming" (uniform, bound 1/sqrt(fan_in), like torch's nn.Linear) or "normal" (std router_init_range).
       router_jitter: multiplicative uniform noise on router inputs while training (Switch/MixLoRA jitter).
-      loramoe_delta: the localized balancing constraint's delta (LoRAMoE's blc_alpha).
       milora_pooling: how MiLoRA pools the prompt's hidden states: attention, mean, last or max.
       milora_router_dim: width of MiLoRA's router hidden layer (before the rational activation).
       milora_activation: MiLoRA's router activation (rational | gelu | relu) in every layer, or in the
         first half of the layers (index < L // 2) when `milora_activation_deep` is set.
       milora_activation_deep: the activation of the second half of the layers; None: as milora_activation.
-      switch_coef, switch_form: Switch aux coefficient and form ("mola": per layer, summed; "mixtral": global).
-      importance_coef: Shazeer importance CV^2; z_loss_coef: ST-MoE router z-loss;
-      loramoe_coef: LoRAMoE localized constraint (None: 0.1 for loramoe); milora_coef: MiLoRA
-        prompt-level balance (None: 1e-2 for milora). Every coefficient applies to the routers of the
-        methods in COEF_METHODS; a non-zero one for another method is an error.
       mov_routing: MoV on k/v: "head" (a router [head_dim, E] shared by the heads, applied to each head's
         slice, vectors [heads, E, head_dim], as the reference's MoVAttention) or "token" (one route per token).
       lora_init: LoRA A initialiser, "kaiming" (uniform +-1/sqrt(fan_in)) or "normal" (std 0.02). None: method default.
-      contrastive_coef, contrastive_temperature: the contrastive expert loss (molora, mola, loramoe, mixlora;
-        0 = off, and then no expert outputs are computed) and its InfoNCE temperature; for the dense
-        routers (molora, loramoe) the loss counts a token's `top_k` largest gates as its routed experts.
-      loramoe_form: the localized constraint as "code" (var/mean^2, LoRAMoE's code; default) or "paper"
-        (var/mean, the paper's equation): they differ by the factor mean(I * Q), so each needs its own loramoe_coef.
+      sow_expert_outputs: sow every expert's output (`expert_gram`) for the contrastive expert loss
+        (molora, mola, loramoe, mixlora). The training loop sets it from objective.contrastive_coef > 0;
+        False (default) computes nothing extra. For the dense routers (molora, loramoe) the loss counts a
+        token's `top_k` largest gates as its routed experts.
+    Loss weights (Switch, importance, z-loss, LoRAMoE, MiLoRA, contrastive) are not adapter fields: they are
+    the train config's `objective` section (moe_lora_jax.objective.Objective). dropout, router_jitter and
+    sow_expert_outputs are not part of a checkpoint's identity (NON_IDENTITY_FIELDS): a run may resume with others.
     """
 
     method: str = "lora"
@@ -111,22 +98,13 @@ class AdapterConfig:
     router_init: str | None = None
     router_init_range: float = 0.02
     router_jitter: float = 0.0
-    loramoe_delta: float = 0.1
     milora_pooling: str = "attention"
     milora_router_dim: int = 64
-    switch_coef: float | None = None
-    switch_form: str | None = None
-    importance_coef: float = 0.0
-    z_loss_coef: float = 0.0
-    loramoe_coef: float | None = None
-    milora_coef: float | None = None
     milora_activation: str = "rational"
     milora_activation_deep: str | None = None
     mov_routing: str = "head"
     lora_init: str | None = None
-    contrastive_coef: float = 0.0
-    contrastive_temperature: float = 0.07
-    loramoe_form: str = "code"
+    sow_expert_outputs: bool = False
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -158,13 +136,8 @@ class AdapterConfig:
             raise MoeLoraError(f"milora_pooling={self.milora_pooling!r}: use one of {', '.join(POOLINGS)}")
         if self.router_init is not None and self.router_init not in ROUTER_INITS:
             raise MoeLoraError(f"router_init={self.router_init!r}: use one of {', '.join(ROUTER_INITS)}")
-        if self.switch_form is not None and self.switch_form not in SWITCH_FORMS:
-            raise MoeLoraError(f"switch_form={self.switch_form!r}: use one of {', '.join(SWITCH_FORMS)}")
         if not 0.0 <= self.router_jitter < 1.0:  # noise is uniform in [1 - j, 1 + j]: j >= 1 can zero or flip inputs
             raise MoeLoraError(f"router_jitter={self.router_jitter} must be in [0, 1): 0 turns jitter off")
-        for name in ("switch_coef", "importance_coef", "z_loss_coef", "loramoe_coef", "milora_coef"):
-            if (getattr(self, name) or 0.0) < 0:
-                raise MoeLoraError(f"{name}={getattr(self, name)} is negative: a balance weight is >= 0 (0 turns it off)")
         if self.method == "loramoe" and self.num_experts % 2:
             raise MoeLoraError(f"LoRAMoE splits its experts in two groups: num_experts={self.num_experts} must be even")
         if self.mov_routing not in MOV_ROUTINGS:
@@ -175,31 +148,15 @@ class AdapterConfig:
             value = getattr(self, name)
             if value is not None and value not in MILORA_ACTIVATIONS:
                 raise MoeLoraError(f"{name}={value!r}: use one of {', '.join(MILORA_ACTIVATIONS)}")
-        for name, methods in COEF_METHODS.items():
-            value = getattr(self, name)
-            if value and self.method not in methods:
-                raise MoeLoraError(
-                    f"{name}={value} does not apply to method {self.method} (only to {', '.join(methods)}): "
-                    f"drop it or set it to 0"
-                )
         if self.method == "milora" and self.top_k > len(self.targets):
             raise MoeLoraError(
                 f"top_k={self.top_k} is larger than the {len(self.targets)} LoRA modules per layer that MiLoRA routes between"
             )
-        self._check_contrastive_and_loramoe_form()
-
-    def _check_contrastive_and_loramoe_form(self) -> None:
-        if self.contrastive_coef < 0:
-            raise MoeLoraError(f"contrastive_coef={self.contrastive_coef} must be >= 0 (0 turns the contrastive expert loss off)")
-        if self.contrastive_coef and self.method not in CONTRASTIVE_METHODS:
+        if self.sow_expert_outputs and self.method not in CONTRASTIVE_METHODS:
             raise MoeLoraError(
-                f"contrastive_coef={self.contrastive_coef} does not apply to method {self.method}: the contrastive expert "
-                f"loss needs LoRA experts ({', '.join(CONTRASTIVE_METHODS)}); set contrastive_coef=0"
+                f"sow_expert_outputs does not apply to method {self.method}: the contrastive expert loss needs "
+                f"LoRA experts ({', '.join(CONTRASTIVE_METHODS)}); set objective.contrastive_coef=0"
             )
-        if not self.contrastive_temperature > 0:
-            raise MoeLoraError(f"contrastive_temperature={self.contrastive_temperature} must be positive (e.g. 0.07)")
-        if self.loramoe_form not in LORAMOE_FORMS:
-            raise MoeLoraError(f"loramoe_form={self.loramoe_form!r}: use one of {', '.join(LORAMOE_FORMS)}")
 
     # ------------------------------------------------------------ resolved values
     @property
@@ -218,22 +175,6 @@ class AdapterConfig:
     @property
     def resolved_lora_init(self) -> str:
         return self.lora_init or METHOD_DEFAULTS[self.method]["lora_init"]
-
-    @property
-    def resolved_switch_coef(self) -> float:
-        return METHOD_DEFAULTS[self.method]["switch_coef"] if self.switch_coef is None else self.switch_coef
-
-    @property
-    def resolved_switch_form(self) -> str:
-        return self.switch_form or METHOD_DEFAULTS[self.method]["switch_form"]
-
-    @property
-    def resolved_loramoe_coef(self) -> float:
-        return COEF_DEFAULTS["loramoe_coef"].get(self.method, 0.0) if self.loramoe_coef is None else self.loramoe_coef
-
-    @property
-    def resolved_milora_coef(self) -> float:
-        return COEF_DEFAULTS["milora_coef"].get(self.method, 0.0) if self.milora_coef is None else self.milora_coef
 
     def milora_activation_at(self, layer: int, num_layers: int) -> str:
         """MiLoRA's router activation in `layer`: the deep one for layer >= num_layers // 2 when set."""
@@ -315,21 +256,23 @@ class AdapterConfig:
         out["allocation"] = None if self.allocation is None else allocation_to_dict(self.allocation)
         return out
 
+    def identity_dict(self) -> dict[str, Any]:
+        """`to_dict` without NON_IDENTITY_FIELDS: what fixes parameter shapes and routing (a checkpoint's identity)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NON_IDENTITY_FIELDS}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AdapterConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names - set(OBJECTIVE_FIELDS))
         if unknown:
             raise MoeLoraError(f"adapter config has unknown fields {unknown}: it was written by another version")
         kw = dict(d)
         if kw.get("method") == "mov" and "mov_routing" not in kw:
             kw["mov_routing"] = "token"  # written before per-head routing: its vectors are [E, O]
-        # Adapters written before the applicability check carry coefficients their method never used
-        # (loramoe_coef=0.1 and milora_coef=0.01 were defaults for every method): they were no-ops then.
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        for name, methods in COEF_METHODS.items():
-            if kw.get("method", "lora") not in methods and kw.get(name):
-                kw[name] = defaults[name]
+        # Adapters written before the objective section carry the loss weights (and their options):
+        # they are the training run's, not the adapter's (see moe_lora_jax.objective.legacy_objective).
+        for name in OBJECTIVE_FIELDS:
+            kw.pop(name, None)
         if kw.get("target_modules") is not None:
             kw["target_modules"] = tuple(kw["target_modules"])
         if kw.get("allocation") is not None:

@@ -182,7 +182,8 @@ def _save_mixlora(out_dir, adapter, ac: AdapterConfig, model_config, base_name: 
         "routing_strategy": "mixlora",
         "num_experts": ac.num_experts,
         "top_k": ac.top_k,
-        "router_aux_loss_coef": float(ac.resolved_switch_coef),  # mixlora asserts floats here
+        # a training weight, not the adapter's: the objective's default for mixlora (MoE-PEFT's 0.001)
+        "router_aux_loss_coef": float(_mixlora_switch_default()),  # mixlora asserts floats here
         "router_init_range": float(ac.router_init_range),
         "jitter_noise": float(ac.router_jitter),
         "act_fn": "silu",
@@ -318,7 +319,6 @@ def _load_mixlora(d: Path, meta: Mapping[str, Any]):
         renormalize="always" if int(meta.get("top_k", 2)) == 1 else True,
         router_jitter=float(meta.get("jitter_noise", 0.0)),
         router_init_range=float(meta.get("router_init_range", 0.02)),
-        switch_coef=float(meta.get("router_aux_loss_coef", 0.001)),
     )
     layers = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"mixlora\.layers\.(\d+)\.", k))})
     tree: dict = {}
@@ -343,3 +343,9 @@ def _load_mixlora(d: Path, meta: Mapping[str, Any]):
     except KeyError as e:
         raise MoeLoraError(f"{d}: adapter_model.bin lacks {e.args[0]}: the file does not match its adapter_config.json") from None
     return ac, tree
+
+
+def _mixlora_switch_default() -> float:
+    from moe_lora_jax.objective import resolve_objective
+
+    return resolve_objective(None, "mixlora").switch_coef

@@ -159,7 +159,7 @@ def expert_bank_delta(mdl: nn.Module, x: jax.Array, out_features: int, axes: tup
     gates = route(mdl, x, E, cfg, ctx, top_k)
     xd = dropout(mdl, x, cfg.dropout, ctx.deterministic)
     h = jnp.einsum("...d,edr->...er", xd, a.astype(dtype))
-    if cfg.contrastive_coef:  # static: with coefficient 0 nothing below is traced
+    if cfg.sow_expert_outputs:  # static: with coefficient 0 nothing below is traced
         mdl.sow("intermediates", "expert_gram", lora_expert_gram(h, b, cfg.scale))
     h = h * gates[..., None].astype(dtype)
     return jnp.einsum("...er,ero->...o", h, b.astype(dtype)) * jnp.asarray(cfg.scale, dtype)
@@ -275,7 +275,7 @@ def mixlora_ffn(mdl: nn.Module, x_BxLxD: jax.Array, config: Any, cfg: AdapterCon
             h = h.reshape(h.shape[0], 1, E, r) * onehot_TxKxE[..., None]
         return jnp.dot(h.reshape(*h.shape[:2], E * r), b_cat) * scale  # [T, k, out]
 
-    if cfg.contrastive_coef:  # static: the contrastive loss needs every expert's output on every token
+    if cfg.sow_expert_outputs:  # static: the contrastive loss needs every expert's output on every token
         gates_TxE = jnp.sum(jax.nn.one_hot(top_i, E, dtype=jnp.float32) * weights[..., None], axis=-2)
         out_TxExD, base_TxD = _mixlora_every_expert(mdl, x, w, lora, E, r, cfg, ctx, dtype)
         contrib_TxExD = out_TxExD.astype(jnp.float32) - base_TxD.astype(jnp.float32)[:, None, :]

@@ -8,6 +8,10 @@ with, not the preset's name (a preset edited later cannot change what an old ada
     apply_preset({"preset": "mola", "rank": 16}, num_layers=30)
     # -> {"method": "mola", "rank": 16, "alpha": 16.0, "dropout": 0.05, ..., "allocation": {...}}
 
+A preset also carries the papers' loss weights (`switch_coef`, ...): those are not adapter
+fields but defaults for the train config's `objective` section (`preset_objective`), which
+the objective section's own keys override the same way.
+
 Training settings of the papers (learning rate, batch, schedule, optimizer) belong to the
 train config's `optim` and `loop` sections, which a preset does not touch: each preset lists
 them under `training` so they can be copied by hand.
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from moe_lora_jax.adapters.config import FFN_MODULES, LINEAR_MODULES, MOV_MODULES
+from moe_lora_jax.objective.weights import OBJECTIVE_FIELDS
 from moe_lora_jax.errors import MoeLoraError
 
 MOV_REF = "for-ai/parameter-efficient-moe"
@@ -34,7 +39,8 @@ class Preset:
     """An adapter setting from one paper.
 
     values: AdapterConfig fields (an `allocation` recipe may say `experts_per_layer`, which
-      becomes `total` = experts_per_layer * num_layers once the model is known).
+      becomes `total` = experts_per_layer * num_layers once the model is known), and objective
+      weights (keys of OBJECTIVE_FIELDS: defaults for the train config's objective section).
     sources: for every key of `values`, where the value comes from (file path or paper section).
     training: the paper's optimizer / schedule / batch, for the train config (not applied).
     notes: what the preset does not reproduce, and why.
@@ -157,7 +163,7 @@ PRESETS: dict[str, Preset] = {
             },
             training="AdamW lr 3e-4, 100 warmup steps, batch 128 (micro 8), 20 epochs on ScienceQA, cutoff 256 "
                      "(MoLA README, mola_training.py)",
-            notes=("the library default switch_coef for mola is 1e-3 (the coefficient MoLA's code uses when its "
+            notes=("the library default objective.switch_coef for mola is 1e-3 (the coefficient MoLA's code uses when its "
                    "balance loss is on); the preset follows the released commands, which leave it off",),
         ),
         Preset(
@@ -200,8 +206,8 @@ PRESETS: dict[str, Preset] = {
             },
             training="lr 2e-4, cosine, warmup ratio 0.03, weight decay 0, 1 epoch, max length 1024 (run_loramoe.sh)",
             notes=("run_loramoe.sh sets blc_alpha=0.0 and blc_weight=0.0, which turns the localized balancing "
-                   "constraint off; the preset keeps it on (loramoe_delta, loramoe_coef at the library defaults) "
-                   "because the constraint is the paper's method; set loramoe_coef: 0 to match the script",),
+                   "constraint off; the preset keeps it on (objective.loramoe_delta, objective.loramoe_coef at the library "
+                   "defaults) because the constraint is the paper's method; set objective.loramoe_coef: 0 to match the script",),
         ),
         Preset(
             name="mixlora",
@@ -263,7 +269,16 @@ def apply_preset(raw: Mapping[str, Any], num_layers: int | None = None) -> dict[
     if name is None:
         return out
     values = get_preset(name).resolve(num_layers)
-    return {**values, **out}
+    return {**{k: v for k, v in values.items() if k not in OBJECTIVE_FIELDS}, **out}
+
+
+def preset_objective(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The objective weights of the adapter section's preset ({} without one): defaults under the
+    train config's `objective` section, whose own keys win."""
+    name = raw.get("preset")
+    if name is None:
+        return {}
+    return {k: v for k, v in get_preset(name).values.items() if k in OBJECTIVE_FIELDS}
 
 
 def presets_as_dict() -> dict[str, Any]:
@@ -272,7 +287,8 @@ def presets_as_dict() -> dict[str, Any]:
     return {
         p.name: {
             "paper": p.paper, "reference": p.reference,
-            "values": {k: plain(v) for k, v in p.values.items()},
+            "values": {k: plain(v) for k, v in p.values.items() if k not in OBJECTIVE_FIELDS},
+            "objective": {k: plain(v) for k, v in p.values.items() if k in OBJECTIVE_FIELDS},
             "sources": dict(p.sources), "training": p.training, "notes": list(p.notes),
         }
         for p in PRESETS.values()
@@ -286,10 +302,12 @@ def format_presets() -> str:
         lines.append(f"preset {p.name}: {p.paper} [{p.reference}]")
         for key, value in p.values.items():
             shown = json.dumps(list(value) if isinstance(value, tuple) else value)
-            lines.append(f"  {key} = {shown}  # {p.sources[key]}")
+            shown_key = f"objective.{key}" if key in OBJECTIVE_FIELDS else key
+            lines.append(f"  {shown_key} = {shown}  # {p.sources[key]}")
         if p.training:
             lines.append(f"  training (set in optim/loop, not applied): {p.training}")
         for note in p.notes:
             lines.append(f"  note: {note}")
-    lines.append("use one with `adapter.preset: NAME` in the train config; other adapter keys override its values")
+    lines.append("use one with `adapter.preset: NAME` in the train config; other adapter keys (and objective keys, "
+                 "for its objective.* values) override its values")
     return "\n".join(lines)

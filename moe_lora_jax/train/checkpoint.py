@@ -153,7 +153,7 @@ class CheckpointStore:
             ):
                 what = "base model" if key == "base_fingerprint" else "adapter (method, sizes or Allocation)"
                 prefix = "base model fingerprint" if key == "base_fingerprint" else "adapter"
-                diffs = differences(_jsonable(meta[key]), _jsonable(self.meta[key]), prefix)
+                diffs = differences(_jsonable(_identity_value(key, meta[key])), _jsonable(_identity_value(key, self.meta[key])), prefix)
                 shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
                 raise MoeLoraError(
                     f"checkpoint {where} was written with another {what} than this run's ({shown}): "
@@ -205,12 +205,47 @@ def _jsonable(value: Any) -> Any:
 
 def _identity_value(key: str, value: Any) -> Any:
     """An adapter config read back through AdapterConfig, so fields added since the checkpoint was
-    written take the values such a checkpoint means (the run stays resumable across versions)."""
+    written take the values such a checkpoint means (the run stays resumable across versions), reduced
+    to what fixes parameter shapes and routing: loss weights (older checkpoints carry them), dropout,
+    router jitter and sow_expert_outputs may change on resume (`resume_changes` names them)."""
     if key != "adapter_config" or not isinstance(value, Mapping):
         return value
-    from moe_lora_jax.adapters.config import AdapterConfig
+    from moe_lora_jax.adapters.config import NON_IDENTITY_FIELDS, OBJECTIVE_FIELDS, AdapterConfig
 
     try:
-        return AdapterConfig.from_dict(value).to_dict()
+        return AdapterConfig.from_dict(value).identity_dict()
     except Exception:  # noqa: BLE001 - not readable as an AdapterConfig: compare the raw values
-        return value
+        return {k: v for k, v in value.items() if k not in NON_IDENTITY_FIELDS and k not in OBJECTIVE_FIELDS}
+
+
+def _run_objective(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The resolved objective a checkpoint was trained with: its `objective` entry, or for a checkpoint
+    written before the objective section, the weights its adapter_config carried."""
+    from moe_lora_jax.objective import legacy_objective, resolve_objective
+
+    if meta.get("objective") is not None:
+        return dict(meta["objective"])
+    ac = meta.get("adapter_config")
+    if not isinstance(ac, Mapping):
+        return None
+    try:
+        return resolve_objective(legacy_objective(ac), str(ac.get("method", "lora"))).to_dict()
+    except Exception:  # noqa: BLE001 - unreadable weights: nothing to compare
+        return None
+
+
+def resume_changes(old_meta: Mapping[str, Any], new_meta: Mapping[str, Any]) -> list[str]:
+    """"objective.z_loss_coef 0 -> 0.001" for every loss weight, and "adapter.dropout 0 -> 0.1" for every
+    regulariser (dropout, router_jitter), that differs between a checkpoint and the run resuming from it."""
+    from moe_lora_jax.adapters.config import NON_IDENTITY_FIELDS
+
+    out: list[str] = []
+    old_obj, new_obj = _run_objective(old_meta), _run_objective(new_meta)
+    if old_obj is not None and new_obj is not None:
+        out += differences(_jsonable(old_obj), _jsonable(new_obj), "objective")
+    old_ac, new_ac = old_meta.get("adapter_config"), new_meta.get("adapter_config")
+    if isinstance(old_ac, Mapping) and isinstance(new_ac, Mapping):
+        for name in NON_IDENTITY_FIELDS:
+            if name != "sow_expert_outputs" and name in old_ac and name in new_ac:  # sow follows contrastive_coef
+                out += differences(_jsonable(old_ac[name]), _jsonable(new_ac[name]), f"adapter.{name}")
+    return out

@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.objective.weights import Objective
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -158,6 +159,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     adapter: dict = field(default_factory=dict)  # free-form; see moe_lora_jax.adapters
+    objective: Objective = field(default_factory=Objective)  # loss weights; see moe_lora_jax.objective
     output_dir: str = "runs/default"
     seed: int = 0  # parameter initialisation and dropout
 

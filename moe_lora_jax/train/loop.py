@@ -69,6 +69,7 @@ class Run:
     optimizer: Any
     schedule: Callable
     task_types: Any = None  # LoRAMoE: int32 [num_tasks], 1 = world knowledge (data.world_knowledge_tasks)
+    objective: Any = None  # the resolved Objective (loss weights); None: the method's defaults
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -114,6 +115,7 @@ def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, 
     from moe_lora_jax.adapters import AdapterConfig
     from moe_lora_jax.adapters.presets import apply_preset
 
+    _refuse_adapter_weights(raw)
     raw = apply_preset(raw, model_config.num_hidden_layers)  # `preset: NAME` -> its values; explicit keys win
     if raw.get("allocation") is not None:
         raw["allocation"] = resolve_allocation(raw["allocation"], params, model_config.num_hidden_layers, progress=progress,
@@ -128,6 +130,27 @@ def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, 
     return ac
 
 
+def _refuse_adapter_weights(raw: Mapping[str, Any]) -> None:
+    """Loss weights moved from the adapter section to the objective section: name the new key."""
+    from moe_lora_jax.objective import OBJECTIVE_FIELDS
+
+    for key in raw:
+        if key in OBJECTIVE_FIELDS:
+            raise MoeLoraError(
+                f"adapter.{key} is a loss weight and now lives in the objective section: write objective.{key} "
+                f"(YAML `objective: {{{key}: ...}}` or --set objective.{key}=...)"
+            )
+
+
+def run_objective(config: TrainConfig, method: str) -> Any:
+    """The run's resolved Objective: the objective section, else the adapter preset's weights, else the
+    method's defaults. A weight the method does not use is a one-line error naming objective.KEY."""
+    from moe_lora_jax.adapters.presets import preset_objective
+    from moe_lora_jax.objective import resolve_objective
+
+    return resolve_objective(config.objective, method, preset_objective(config.adapter))
+
+
 def loramoe_task_types(config: TrainConfig, task_names: tuple[str, ...], adapter_config: Any = None) -> np.ndarray | None:
     """LoRAMoE's type of every task id (1 = world knowledge) from `data.world_knowledge_tasks`;
     None where no type is needed. Named tasks must exist; LoRAMoE with its constraint on must name them.
@@ -139,16 +162,16 @@ def loramoe_task_types(config: TrainConfig, task_names: tuple[str, ...], adapter
     wk = config.data.world_knowledge_tasks
     table = None if wk is None else task_type_table(task_names, wk)
     ac = adapter_config
-    if ac is None:  # method and coefficient only: resolved the way adapter_config_from resolves them
-        raw = apply_preset(config.adapter)
-        ac = AdapterConfig(method=raw.get("method", "lora"), loramoe_coef=raw.get("loramoe_coef"))
+    if ac is None:  # the method only: resolved the way adapter_config_from resolves it
+        _refuse_adapter_weights(config.adapter)
+        ac = AdapterConfig(method=apply_preset(config.adapter).get("method", "lora"))
     if ac.method != "loramoe":
         return None
-    if table is None and ac.resolved_loramoe_coef:
+    if table is None and run_objective(config, ac.method).loramoe_coef:
         raise MoeLoraError(
             "LoRAMoE's localized balancing constraint needs each example's task type: set data.world_knowledge_tasks "
             f"to the world-knowledge task names (type 1; the rest are type 0), some of {list(task_names)}, "
-            "or set adapter.loramoe_coef=0"
+            "or set objective.loramoe_coef=0"
         )
     return table
 
@@ -170,8 +193,11 @@ def check_config(config: TrainConfig, model_path: Any = None) -> Any:
     raw = dict(config.adapter)
     spec = raw.get("allocation")
     if isinstance(spec, Mapping) and str(spec.get("method")) == "alphalora":
-        return adapter_config_from({**raw, "allocation": None}, None, model_config, validate=False)
-    return adapter_config_from(raw, None, model_config)
+        ac = adapter_config_from({**raw, "allocation": None}, None, model_config, validate=False)
+    else:
+        ac = adapter_config_from(raw, None, model_config)
+    run_objective(config, ac.method)  # a weight the method does not use fails here, before anything loads
+    return ac
 
 
 
@@ -202,11 +228,14 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
     model_config = model_config.replace(remat=config.model.remat)
     base = put_global(base, base_sh)
     ac = adapter_config_from(config.adapter, base, model_config, progress=progress)
+    objective = run_objective(config, ac.method)
+    if objective.contrastive_coef:  # the contrastive loss reads every expert's output: the model sows them
+        ac = ac.replace(sow_expert_outputs=True)
     return Run(
         config=config, model_path=path, model=LlamaForCausalLM(model_config, ac), model_config=model_config,
         adapter_config=ac, base=base, base_shardings=base_sh, tokenizer=tokenizer, data=data, mesh=mesh,
         optimizer=make_optimizer(config.optim, loop.steps), schedule=make_schedule(config.optim, loop.steps),
-        task_types=task_types,
+        task_types=task_types, objective=objective,
     )
 
 
@@ -330,7 +359,7 @@ def _train(
     from moe_lora_jax.data import eval_batches
     from moe_lora_jax.parallel.multihost import is_main_process
     from moe_lora_jax.parallel.rules import put_global, shard_batch
-    from moe_lora_jax.train.checkpoint import CheckpointStore, base_fingerprint
+    from moe_lora_jax.train.checkpoint import CheckpointStore, base_fingerprint, resume_changes
     from moe_lora_jax.train.metrics import MetricsWriter, Progress, plot_losses
     from moe_lora_jax.train.state import TrainState, init_adapter, state_shardings
     from moe_lora_jax.train.step import CompiledSteps, describe_nonfinite, make_eval_step, make_train_step
@@ -346,13 +375,16 @@ def _train(
         "base_model": str(run.model_path),
         "base_fingerprint": base_fingerprint(run.base),
         "adapter_config": ac.to_dict(),
+        "objective": None if run.objective is None else run.objective.to_dict(),
         "train_config": config_to_dict(config),
     }
     ckpt = config.checkpoint
     store = CheckpointStore(Path(ckpt.dir) if ckpt.dir else out_dir / "checkpoints", keep=ckpt.keep, async_save=ckpt.async_save, meta=meta)
     try:
+        changes: list[str] = []
         if store.latest_step() is not None:
-            store.check(store.latest_step())  # another run's or a damaged checkpoint: refused before the state is built
+            # another run's or a damaged checkpoint: refused before the state is built
+            changes = resume_changes(store.check(store.latest_step()), meta)
         state = TrainState.create(init_adapter(run.model, jax.random.key(config.seed)), run.optimizer, seed=config.seed)
         state_sh = state_shardings(state, run.mesh)
         state = put_global(state, state_sh)
@@ -370,6 +402,8 @@ def _train(
             ac.allocation.to_json(out_dir / "allocation.json")
         if restored is not None:
             print(f"resumed from step {start} ({store.directory / str(start)})", flush=True)
+            for line in changes:  # weights and regularisers are not the adapter's identity: a change is allowed
+                print(f"resume: {line} (resume continues)", flush=True)
         if start >= loop.steps:
             print(f"the run in {out_dir} already finished at step {start} (loop.steps={loop.steps}): nothing to train"
                   + ("" if start > loop.steps else "; raise loop.steps to train further"), flush=True)
@@ -377,9 +411,10 @@ def _train(
         if dropped:
             print(f"metrics.jsonl: dropped {dropped} row(s) after step {start}, which this run logs again", flush=True)
 
-    step_fn = make_train_step(run.model, ac, run.optimizer, grad_accum=loop.grad_accum, lr_schedule=run.schedule, mesh=run.mesh)
+    step_fn = make_train_step(run.model, ac, run.optimizer, grad_accum=loop.grad_accum, lr_schedule=run.schedule, mesh=run.mesh,
+                              objective=run.objective)
     steps = CompiledSteps(step_fn, run.mesh, state, state_sh, run.base, run.base_shardings)
-    eval_step = jax.jit(make_eval_step(run.model, ac))
+    eval_step = jax.jit(make_eval_step(run.model, ac, objective=run.objective))
 
     def validate() -> float | None:
         split = run.data.validation
@@ -452,8 +487,9 @@ def _train(
     if main and result.step == loop.steps:
         # always this run's final state: replaces (in one step) the adapter of a shorter run being extended
         adapter_dir = out_dir / "adapter"
-        save_adapter(adapter_dir, jax.device_get(state.adapter), ac, run.model_config, base_model_name_or_path=str(run.model_path),
-                     replace=True)
+        # the saved adapter serves inference: it does not sow the contrastive loss's expert outputs
+        save_adapter(adapter_dir, jax.device_get(state.adapter), ac.replace(sow_expert_outputs=False), run.model_config,
+                     base_model_name_or_path=str(run.model_path), replace=True)
         result.adapter_dir = adapter_dir
     if main and (out_dir / "metrics.jsonl").is_file() and (out_dir / "metrics.jsonl").stat().st_size:
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")  # also after a kill between adapter and plot

@@ -126,13 +126,15 @@ def make_train_step(
     deterministic: bool = False,
     log_routing: bool = True,
     loss_fn: Callable | None = None,
+    objective: Any = None,
 ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure `train_step(state, base_params, batch) -> (state, metrics)`.
 
     `loss_fn(logits, batch, intermediates, adapter_config) -> (loss, metrics)` defaults to
-    `losses.total_loss`; its metrics must include "ce" and "tokens".
+    `losses.total_loss` with the weights of `objective` (an Objective; None: the method's defaults);
+    its metrics must include "ce" and "tokens".
     """
-    loss_fn = total_loss if loss_fn is None else loss_fn
+    loss_fn = _objective_loss(objective) if loss_fn is None else loss_fn
     top_k = adapter_config.top_k if adapter_config is not None and adapter_config.method in ("mola", "mixlora", "milora") else 1
     if grad_accum < 1:
         raise ValueError(f"grad_accum={grad_accum} must be >= 1")
@@ -277,9 +279,18 @@ def _combine(per_micro: tuple[dict, dict], n_total: jax.Array) -> dict[str, jax.
     return out
 
 
-def make_eval_step(model: Any, adapter_config: Any, loss_fn: Callable | None = None) -> Callable:
+def _objective_loss(objective: Any) -> Callable:
+    """`total_loss` with the objective's weights bound: the train step adds the terms it names."""
+
+    def loss_fn(logits, batch, intermediates, adapter_config):
+        return total_loss(logits, batch, intermediates, adapter_config, objective)
+
+    return loss_fn
+
+
+def make_eval_step(model: Any, adapter_config: Any, loss_fn: Callable | None = None, objective: Any = None) -> Callable:
     """`eval_step(adapter, base_params, batch) -> {"ce_sum", "tokens", "loss"}` (deterministic, no gradients)."""
-    loss_fn = total_loss if loss_fn is None else loss_fn
+    loss_fn = _objective_loss(objective) if loss_fn is None else loss_fn
 
     def eval_step(adapter, base_params, batch):
         logits, mutated = model.apply(
