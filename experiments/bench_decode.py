@@ -33,7 +33,7 @@ from moe_lora_jax.adapters import AdapterConfig
 from moe_lora_jax.adapters.layers import RATIONAL_GELU_DEN, RATIONAL_GELU_NUM
 from moe_lora_jax.convert import resolve_hf_dir
 from moe_lora_jax.embedded import default_model_path
-from moe_lora_jax.generate import beam_search, generate
+from moe_lora_jax.infer.generate import beam_search, generate
 from moe_lora_jax.tokenizer import load_tokenizer
 from benchlib import alternating_times, benchmark_parser, cpu_name, emit, medians
 

@@ -11,7 +11,7 @@ from adapter_testlib import init_adapter, randomize
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama
 from moe_lora_jax.adapters import AdapterConfig, save_adapter
 from moe_lora_jax.cli import main
-from moe_lora_jax.evaluate import load_eval_records, multiple_choice_eval, parse_columns, perplexity_eval
+from moe_lora_jax.infer.evaluate import load_eval_records, multiple_choice_eval, parse_columns, perplexity_eval
 
 PIQA = [
     {"goal": "How do you boil water?", "sol1": "Heat it in a pot.", "sol2": "Put it in the freezer.", "label": 0, "kind": "home"},

@@ -12,7 +12,7 @@ from adapter_testlib import TINY, init_adapter, randomize, tiny_base
 from moe_lora_jax import LlamaForCausalLM
 from moe_lora_jax.adapters import AdapterConfig, merge_lora
 from moe_lora_jax.errors import MoeLoraError
-from moe_lora_jax.generate import beam_search, generate, positions_from_mask
+from moe_lora_jax.infer.generate import beam_search, generate, positions_from_mask
 from moe_lora_jax.model import KVCache
 
 CONFIGS = {

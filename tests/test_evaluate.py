@@ -11,7 +11,7 @@ import pytest
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama
 from moe_lora_jax.data.templates import prompt_text
 from moe_lora_jax.errors import MoeLoraError
-from moe_lora_jax.evaluate import (
+from moe_lora_jax.infer.evaluate import (
     exact_match_eval,
     load_eval_records,
     multiple_choice_eval,
@@ -147,7 +147,7 @@ def test_records_from_hf_style_files_with_column_mappings(tmp_path):
     ]))
     rows = load_eval_records(str(arc), columns=parse_columns("label=answerKey,task=subject"))
     assert [r["task"] for r in rows] == ["s", "t"]
-    from moe_lora_jax.evaluate import _choices_and_labels, _label_index
+    from moe_lora_jax.infer.evaluate import _choices_and_labels, _label_index
 
     golds = [_label_index(r["label"], *_choices_and_labels(r["choices"], i), i) for i, r in enumerate(rows)]
     assert golds == [2, 0]

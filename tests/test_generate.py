@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama
-from moe_lora_jax.generate import beam_search, generate, top_p_filter
+from moe_lora_jax.infer.generate import beam_search, generate, top_p_filter
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_greedy_equals_argmax_of_full_forward(tiny):
     ids, mask = _prompts(config.vocab_size)
     out = np.asarray(generate(model, {"params": params}, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=6))
     forward = jax.jit(model.apply)
-    from moe_lora_jax.generate import positions_from_mask
+    from moe_lora_jax.infer.generate import positions_from_mask
 
     seq, seq_mask = ids, mask
     for step in range(6):  # recompute the whole sequence every step, no cache

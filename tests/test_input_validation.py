@@ -83,7 +83,7 @@ def test_lists_dicts_and_scalars_in_text_fields_are_errors(tmp_path, field, valu
 
 
 def test_perplexity_text_that_is_a_list_is_an_error(tmp_path):
-    from moe_lora_jax.evaluate import _perplexity_rows, load_eval_records
+    from moe_lora_jax.infer.evaluate import _perplexity_rows, load_eval_records
 
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": "fine"}, {"text": ["a", "b"]}])
     with pytest.raises(MoeLoraError, match=r"p.jsonl line 2 has a list in 'text', not a string"):
@@ -97,7 +97,7 @@ def test_null_output_is_named_as_null_not_missing(tmp_path):
 
 
 def test_eval_records_keep_strings(tmp_path):
-    from moe_lora_jax.evaluate import load_eval_records
+    from moe_lora_jax.infer.evaluate import load_eval_records
 
     path = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "a", "output": "007"}, {"instruction": "b", "output": 7}])
     assert load_eval_records(str(path))[0]["output"] == "007"  # was 7, so eval's JSON said "reference": 7

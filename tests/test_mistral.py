@@ -15,7 +15,7 @@ from conftest import make_hf_llama, torch_logits
 from moe_lora_jax import LlamaConfig, LlamaForCausalLM, load_hf_llama
 from moe_lora_jax.adapters import AdapterConfig
 from moe_lora_jax.errors import MoeLoraError
-from moe_lora_jax.generate import greedy_generate
+from moe_lora_jax.infer.generate import greedy_generate
 
 WINDOW = 8
 

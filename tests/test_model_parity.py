@@ -9,7 +9,7 @@ import pytest
 from conftest import torch_logits
 
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama
-from moe_lora_jax.generate import greedy_generate
+from moe_lora_jax.infer.generate import greedy_generate
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

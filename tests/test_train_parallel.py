@@ -30,7 +30,8 @@ from moe_lora_jax.config import LlamaConfig
 from moe_lora_jax.model import LlamaForCausalLM
 from moe_lora_jax.parallel import make_mesh, shard_batch
 from moe_lora_jax.parallel.rules import param_shardings
-from moe_lora_jax.train.state import TrainState, init_adapter, state_shardings
+from moe_lora_jax.adapters.io import init_adapter
+from moe_lora_jax.train.state import TrainState, state_shardings
 from moe_lora_jax.train.step import CompiledSteps, make_train_step
 assert jax.device_count() == 8
 cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -51,7 +52,7 @@ for _ in range(3):
 # Adam's normalised update turns reduction-order differences in tiny gradients into
 # differences of order lr: at lr=1e-2 the (8,1,1) mesh differed by 1.5e-5, so use 1e-3.
 optimizer = optax.adamw(1e-3)
-adapter = init_adapter(model, jax.random.key(1))
+adapter = init_adapter(cfg, ac, jax.random.key(1))
 
 def run(mesh):
     step_fn = make_train_step(model, ac, optimizer, mesh=mesh)

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from moe_lora_jax.allocation.allocation import Allocation
 from moe_lora_jax.errors import MoeLoraError
 
 METHODS = ("lora", "molora", "mov", "mola", "loramoe", "mixlora", "milora")
@@ -348,48 +349,8 @@ def allocation_to_dict(alloc: Any) -> dict[str, Any]:
     }
 
 
-class _CountsAllocation:
-    """Minimal frozen stand-in used when `moe_lora_jax.allocation` is not importable."""
-
-    def __init__(self, counts: Mapping[str, tuple[int, ...]]):
-        self._counts = tuple(sorted((m, tuple(int(x) for x in c)) for m, c in counts.items()))
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        return tuple(m for m, _ in self._counts)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._counts[0][1]) if self._counts else 0
-
-    def counts(self, module: str) -> tuple[int, ...]:
-        return dict(self._counts)[module]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _CountsAllocation) and self._counts == other._counts
-
-    def __hash__(self) -> int:
-        return hash(self._counts)
-
-    def __repr__(self) -> str:
-        return f"Allocation({dict(self._counts)})"
-
-
 def allocation_from_dict(d: Mapping[str, Any]) -> Any:
-    try:
-        from moe_lora_jax.allocation import Allocation  # type: ignore
-    except ImportError:  # the allocation package is optional for reading counts back
-        Allocation = None
+    """The Allocation saved by `allocation_to_dict` (or the older {"num_layers", "counts"} form)."""
     if "allocation" in d:
-        if Allocation is None or not hasattr(Allocation, "from_dict"):
-            raise MoeLoraError("this adapter's Allocation needs moe_lora_jax.allocation to be read back: install it")
         return Allocation.from_dict(d["allocation"])
-    counts = {m: tuple(c) for m, c in d["counts"].items()}
-    if Allocation is not None:
-        for ctor in ("from_counts",):
-            if hasattr(Allocation, ctor):
-                try:
-                    return getattr(Allocation, ctor)(counts)
-                except Exception:  # noqa: BLE001 - fall back to the stand-in below
-                    pass
-    return _CountsAllocation(counts)
+    return Allocation.from_counts({m: tuple(c) for m, c in d["counts"].items()})

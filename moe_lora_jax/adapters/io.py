@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from moe_lora_jax.adapters.config import AdapterConfig, linear_dims
+from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.atomic import atomic_dir
 from moe_lora_jax.errors import MoeLoraError
 
@@ -58,13 +58,19 @@ def adapter_shapes(model_config: Any, adapter_config: AdapterConfig) -> dict[str
 
 
 def init_adapter(model_config: Any, adapter_config: AdapterConfig, rng: jax.Array, batch_shape=(1, 2)) -> dict:
-    """Only the adapter collection of `LlamaForCausalLM(model_config, adapter_config).init` (unboxed)."""
+    """The initial `adapter` collection of `LlamaForCausalLM(model_config, adapter_config)` (float32, unboxed).
+
+    `model.init` also initialises a random base model and runs a forward pass; under jit
+    with only the adapter as output XLA removes all of that, so the base weights are never
+    materialised. The one initialiser: training, quickstart and the docs all use it.
+    """
     import flax.linen as nn
 
     from moe_lora_jax.model import LlamaForCausalLM
 
     model = LlamaForCausalLM(model_config, adapter_config)
-    return nn.unbox(model.init(rng, jnp.zeros(batch_shape, jnp.int32))["adapter"])
+    init = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros(batch_shape, jnp.int32))["adapter"]))
+    return jax.tree.map(lambda x: x.astype(jnp.float32), init(rng))
 
 
 def check_adapter_shapes(adapter: Mapping[str, Any], model_config: Any, adapter_config: AdapterConfig,

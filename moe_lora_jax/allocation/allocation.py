@@ -33,6 +33,7 @@ import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from moe_lora_jax.atomic import write_json_atomic
 from moe_lora_jax.errors import MoeLoraError
 
 ALL_MODULES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -355,7 +356,3 @@ class Allocation:
         except json.JSONDecodeError as e:
             raise MoeLoraError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): rewrite it with `moe-lora allocate`") from None
         return cls.from_dict(d, source=str(path))
-
-
-# The writers live in moe_lora_jax.atomic, the one module every output goes through.
-from moe_lora_jax.atomic import check_new_file, publish_file, write_json_atomic  # noqa: E402,F401

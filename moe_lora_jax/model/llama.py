@@ -11,7 +11,7 @@ Parameter tree (mirrors Hugging Face names so conversion is a rename):
     lm_head/kernel                      [embed, vocab]   (absent when embeddings are tied)
 
 Kernels are [in, out] (the transpose of torch's Linear.weight). Every parameter
-carries logical axis names (see `moe_lora_jax.parallel.axes`). The seven adapter
+carries logical axis names (see `moe_lora_jax.parallel.rules`). The seven adapter
 targets go through `TargetLinear`, the one place adapters attach.
 
 With an `AdapterConfig` (`LlamaForCausalLM(config, adapter_config)`) the same
@@ -36,7 +36,6 @@ from moe_lora_jax.adapters.layers import AdapterContext
 from moe_lora_jax.config import LlamaConfig
 from moe_lora_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
-TARGET_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 _init = nn.initializers.normal(stddev=0.02)
 
 

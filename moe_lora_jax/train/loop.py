@@ -26,16 +26,15 @@ other than checkpoints (orbax coordinates those).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from moe_lora_jax.allocation.recipes import resolve_allocation
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.train.config import TrainConfig, config_to_dict, save_resolved
 
@@ -73,44 +72,6 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- set-up
-def resolve_allocation(spec: Any, params: Any, num_layers: int, *, progress: bool = False, top_k: int | None = None) -> Any:
-    """An `Allocation` from the config's `adapter.allocation`: a JSON path, a dict of counts
-    ({"experts_per_layer": [...]} or {"modules": {...}}, optionally "top_k_per_layer"), or a recipe
-    {"method": alphalora|uniform|mola-8642|mola-2468|mola-5555|mola-8228, "total": T, "beta": B,
-    "estimator": ..., "rounding": alphalora|largest-remainder, "top_k": k}. An alphalora recipe gives
-    each layer top-min(k, n_l) with k = the recipe's top_k, else `top_k` (the adapter's), else 2."""
-    from moe_lora_jax.allocation import (
-        ALPHALORA_DEFAULT_BETA, Allocation, HillOptions, allocate_alphalora, allocate_shape, analyze_params, layer_metric,
-    )
-    from moe_lora_jax.allocation.allocate import ALPHALORA_DEFAULT_ROUNDING, ALPHALORA_DEFAULT_TOP_K
-    from moe_lora_jax.allocation.allocation import LEGACY_SHAPE_NAMES, legacy_shape_error
-
-    if spec is None or isinstance(spec, Allocation):
-        return spec
-    if isinstance(spec, (str, Path)):
-        alloc = Allocation.from_json(spec)
-    elif isinstance(spec, Mapping) and "method" in spec and "total" in spec:
-        method, total = str(spec["method"]), int(spec["total"])
-        if method in LEGACY_SHAPE_NAMES:
-            raise legacy_shape_error(method, "adapter.allocation.method ")
-        limits = {k: spec[k] for k in ("min_experts", "max_experts") if k in spec}
-        if method == "alphalora":
-            estimator = str(spec.get("estimator", "fix-finger"))
-            fits = analyze_params(params, HillOptions(estimator), progress=progress)
-            metric = layer_metric(fits, num_layers)
-            k = spec.get("top_k", top_k if top_k is not None else ALPHALORA_DEFAULT_TOP_K)
-            alloc = allocate_alphalora(metric, total, float(spec.get("beta", ALPHALORA_DEFAULT_BETA)), provenance={"estimator": estimator},
-                                       rounding=str(spec.get("rounding", ALPHALORA_DEFAULT_ROUNDING)), top_k=k, **limits)
-        else:
-            alloc = allocate_shape(method, num_layers, total, **limits)
-    elif isinstance(spec, Mapping):
-        alloc = Allocation.from_dict(spec, source="adapter.allocation")
-    else:
-        raise MoeLoraError(f"adapter.allocation={spec!r}: give a JSON file, counts, or {{method: alphalora, total: T}}")
-    alloc.check_num_layers(num_layers)
-    return alloc
-
-
 def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, *, progress: bool = False, validate: bool = True) -> Any:
     from moe_lora_jax.adapters import AdapterConfig
     from moe_lora_jax.adapters.presets import apply_preset
@@ -361,7 +322,8 @@ def _train(
     from moe_lora_jax.parallel.rules import put_global, shard_batch
     from moe_lora_jax.train.checkpoint import CheckpointStore, base_fingerprint, resume_changes
     from moe_lora_jax.train.metrics import MetricsWriter, Progress, plot_losses
-    from moe_lora_jax.train.state import TrainState, init_adapter, state_shardings
+    from moe_lora_jax.adapters.io import init_adapter
+    from moe_lora_jax.train.state import TrainState, state_shardings
     from moe_lora_jax.train.step import CompiledSteps, describe_nonfinite, make_eval_step, make_train_step
 
     out_dir = Path(config.output_dir)
@@ -385,7 +347,7 @@ def _train(
         if store.latest_step() is not None:
             # another run's or a damaged checkpoint: refused before the state is built
             changes = resume_changes(store.check(store.latest_step()), meta)
-        state = TrainState.create(init_adapter(run.model, jax.random.key(config.seed)), run.optimizer, seed=config.seed)
+        state = TrainState.create(init_adapter(run.model_config, run.adapter_config, jax.random.key(config.seed)), run.optimizer, seed=config.seed)
         state_sh = state_shardings(state, run.mesh)
         state = put_global(state, state_sh)
         restored = store.restore_latest(state)

@@ -1,6 +1,6 @@
 """The train state: everything a step changes, and nothing it does not.
 
-    adapter = init_adapter(model, jax.random.key(config.seed))     # the `adapter` collection only
+    adapter = init_adapter(model_config, adapter_config, key)      # moe_lora_jax.adapters: the `adapter` collection only
     state = TrainState.create(adapter, optimizer, seed=config.seed)
     state_sh = state_shardings(state, mesh)                         # replicated by default
 
@@ -74,32 +74,12 @@ class TrainState(struct.PyTreeNode):
         return self.step - self.nonfinite_total
 
 
-def _sample_ids(model: nn.Module) -> jax.Array:
-    return jnp.zeros((1, 8), jnp.int32)
-
-
-def abstract_adapter(model: nn.Module) -> Any:
-    """Boxed ShapeDtypeStructs of the `adapter` collection (logical axis names kept); nothing allocated."""
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), _sample_ids(model)))["adapter"]
-
-
-def init_adapter(model: nn.Module, key: jax.Array) -> Any:
-    """The model's own initial adapter weights (float32, unboxed).
-
-    `model.init` also initialises a random base model and runs a forward pass;
-    under jit with only the adapter as output XLA removes all of that, so the
-    base weights are never materialised.
-    """
-    init = jax.jit(lambda k: nn.unbox(model.init(k, _sample_ids(model))["adapter"]))
-    return jax.tree.map(lambda x: x.astype(jnp.float32), init(key))
-
-
 def state_shardings(state: TrainState, mesh: Mesh, adapter_abstract: Any = None, adapter_sharding: str = "replicated") -> TrainState:
     """A TrainState of NamedShardings.
 
     `adapter_sharding="replicated"` (default: adapters are small) puts every leaf on
     every device; `"rules"` shards the adapter and its optimizer moments by the
-    logical axis rules (pass the boxed `adapter_abstract` from `abstract_adapter`).
+    logical axis rules (pass the boxed `adapter` collection of `jax.eval_shape(model.init, ...)`).
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     if adapter_sharding == "replicated" or adapter_abstract is None:

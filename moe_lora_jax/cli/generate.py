@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from moe_lora_jax.cli.common import add_model_arg
+from moe_lora_jax.convert import load_llama_config, load_model_and_adapter
+from moe_lora_jax.embedded import resolve_model_path
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.infer.evaluate import left_pad
+from moe_lora_jax.infer.generate import beam_search, generate
+from moe_lora_jax.tokenizer import load_tokenizer
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this, so new prompts reuse compiled code
 MAX_BEAMS = 32
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
-    from moe_lora_jax.cli import MODEL_HELP
-
     p = sub.add_parser("generate", help="continue a prompt with the KV cache (greedy, sampling or beam search)")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_model_arg(p)
     p.add_argument("--adapter", default=None, help="adapter directory (native, PEFT LoRA or mixlora) to decode with")
     p.add_argument("--merge", action="store_true", help="fold a plain LoRA --adapter into the base weights (no adapter overhead)")
     p.add_argument("--prompt", default=None, help="text to continue; without it, read prompts from stdin, one per line")
@@ -43,8 +50,6 @@ def _check_text(text: str, what: str) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    import math
-
     for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p), ("--length-penalty", args.length_penalty)):
         if not math.isfinite(value):  # nan passes every comparison below and decodes garbage
             raise MoeLoraError(f"{flag}={value} is not a finite number: give a real value")
@@ -84,16 +89,9 @@ class Generator:
                 f"prompt ({len(ids)} tokens) + --max-new-tokens ({self.args.max_new_tokens}) exceeds the model's "
                 f"context of {limit}: shorten the prompt or ask for fewer tokens"
             )
-        from moe_lora_jax.evaluate import left_pad
-
         return left_pad([ids], self.config.pad_token_id or 0, PROMPT_BUCKET, max_width=limit - self.args.max_new_tokens)
 
     def __call__(self, text: str) -> tuple[str, list[int]]:
-        import jax
-        import jax.numpy as jnp
-
-        from moe_lora_jax.generate import beam_search, generate
-
         ids, mask = self.encode(text)
         a, cfg = self.args, self.config
         common = dict(max_new_tokens=a.max_new_tokens, eos_token_ids=cfg.eos_token_id, pad_token_id=cfg.pad_token_id or 0)
@@ -110,11 +108,6 @@ class Generator:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from moe_lora_jax.cli_eval import load_model_and_adapter
-    from moe_lora_jax.convert import load_llama_config
-    from moe_lora_jax.embedded import resolve_model_path
-    from moe_lora_jax.tokenizer import load_tokenizer
-
     _check_args(args)
     if args.prompt is not None and not args.prompt.strip():
         raise MoeLoraError("the prompt is empty: pass some text with --prompt")

@@ -7,6 +7,17 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from moe_lora_jax.allocation import HillOptions, analyze_params, layer_metric, module_metric, mola_shape
+from moe_lora_jax.allocation.allocate import (
+    ALPHALORA_DEFAULT_BETA, ALPHALORA_DEFAULT_ROUNDING, ALPHALORA_DEFAULT_TOP_K, METHODS, ROUNDINGS,
+)
+from moe_lora_jax.allocation.allocation import LEGACY_SHAPE_NAMES, legacy_shape_error
+from moe_lora_jax.allocation.recipes import allocate_recipe
+from moe_lora_jax.allocation.spectral import ESTIMATORS
+from moe_lora_jax.atomic import atomic_file, check_new_file, write_json_atomic
+from moe_lora_jax.cli.common import add_model_arg
+from moe_lora_jax.convert import load_llama_config, load_model
+from moe_lora_jax.embedded import DEFAULT_MODEL_NAME, default_model_path, resolve_model_path
 from moe_lora_jax.errors import MoeLoraError
 
 EMBEDDED_NOTE = (
@@ -14,16 +25,12 @@ EMBEDDED_NOTE = (
     "spectra describe the quantized matrices, not the original bf16 ones"
 )
 GGUF_NOTE = "GGUF weights may be quantized; they are dequantized on load and spectra describe the quantized matrices"
-SHAPE_METHODS = ("uniform", "mola-8642", "mola-2468", "mola-5555", "mola-8228")
 
 
 # ----------------------------------------------------------------------------- parsers
 def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
-    from moe_lora_jax.allocation.spectral import ESTIMATORS
-    from moe_lora_jax.cli import MODEL_HELP
-
     p = sub.add_parser("analyze", help="heavy-tailed spectral analysis (PL_Alpha_Hill) of every target weight matrix")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_model_arg(p)
     p.add_argument("--estimator", choices=ESTIMATORS, default="fix-finger",
                    help="how xmin is chosen: median (TempBalance), fix-finger (AlphaLoRA, default), ks (WeightWatcher)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the SVD and the fits")
@@ -33,14 +40,8 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_allocate_parser(sub: argparse._SubParsersAction) -> None:
-    from moe_lora_jax.allocation.allocate import (
-        ALPHALORA_DEFAULT_BETA, ALPHALORA_DEFAULT_ROUNDING, ALPHALORA_DEFAULT_TOP_K, METHODS, ROUNDINGS,
-    )
-    from moe_lora_jax.allocation.spectral import ESTIMATORS
-    from moe_lora_jax.cli import MODEL_HELP
-
     p = sub.add_parser("allocate", help="per-layer expert counts: AlphaLoRA (from the spectra), uniform or a MoLA shape")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_model_arg(p)
     # checked in run_allocate, not by argparse, so that an old shape name gets a one-line error naming its digits
     p.add_argument("--method", metavar="{" + ",".join(METHODS) + "}", required=True,
                    help="alphalora, uniform, or a MoLA shape by its digits, lowest layers first "
@@ -63,8 +64,6 @@ def add_allocate_parser(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------- shared steps
 def _check_outputs(args: argparse.Namespace) -> None:
     """Fail before the slow work if an output exists or has the wrong suffix."""
-    from moe_lora_jax.atomic import check_new_file
-
     check_new_file(args.json)
     if args.plot is not None:
         if Path(args.plot).suffix.lower() != ".png":
@@ -76,8 +75,6 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _model_label(model: str | None) -> tuple[str, str | None]:
     """(name of the model for the outputs, its quantization note or None)."""
-    from moe_lora_jax.embedded import DEFAULT_MODEL_NAME, default_model_path
-
     if model is None:
         return f"{DEFAULT_MODEL_NAME}: {default_model_path()}", EMBEDDED_NOTE
     return str(model), GGUF_NOTE if str(model).lower().endswith(".gguf") else None
@@ -85,10 +82,7 @@ def _model_label(model: str | None) -> tuple[str, str | None]:
 
 def _analyze(model: str | None, estimator: str, dtype: str = "float32") -> tuple[Any, list, list[float]]:
     """(config, per-matrix fits, per-layer mean alpha) of the model's target matrices, with progress bars."""
-    from moe_lora_jax.allocation import HillOptions, analyze_params, layer_metric
-    from moe_lora_jax.cli import _load
-
-    _, config, params = _load(model)
+    _, config, params = load_model(model)
     fits = analyze_params(params, HillOptions(estimator), dtype=dtype, progress=True)
     return config, fits, layer_metric(fits, config.num_hidden_layers)
 
@@ -98,8 +92,6 @@ def _fmt(x: float | None, width: int = 7) -> str:
 
 
 def _print_alpha_table(fits: Sequence[Any], layer_alpha: Sequence[float], header: str, note: str | None) -> None:
-    from moe_lora_jax.allocation import module_metric
-
     per_module = module_metric(fits, len(layer_alpha))
     print(header)
     if note:
@@ -119,8 +111,6 @@ def _json_number(x: float) -> float | None:
 def analysis_json(model: str, note: str | None, estimator: str, dtype: str, fits: Sequence[Any],
                   layer_alpha: Sequence[float]) -> dict[str, Any]:
     """The JSON document of `moe-lora analyze`."""
-    from moe_lora_jax.allocation import HillOptions, module_metric
-
     keys = ("layer", "module", "alpha", "xmin", "lambda_max", "num_eigs", "alpha_hat", "ks_distance", "num_tail", "status")
     return {
         "model": model,
@@ -134,8 +124,6 @@ def analysis_json(model: str, note: str | None, estimator: str, dtype: str, fits
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from moe_lora_jax.atomic import write_json_atomic
-
     _check_outputs(args)
     label, note = _model_label(args.model)
     _, fits, layer_alpha = _analyze(args.model, args.estimator, args.dtype)
@@ -150,9 +138,6 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- allocate
 def _check_allocate_args(args: argparse.Namespace) -> None:
-    from moe_lora_jax.allocation.allocate import METHODS
-    from moe_lora_jax.allocation.allocation import LEGACY_SHAPE_NAMES, legacy_shape_error
-
     if args.method in LEGACY_SHAPE_NAMES:
         raise legacy_shape_error(args.method, "--method ")
     if args.method not in METHODS:
@@ -166,10 +151,6 @@ def _check_allocate_args(args: argparse.Namespace) -> None:
 
 
 def run_allocate(args: argparse.Namespace) -> int:
-    from moe_lora_jax.allocation import allocate_alphalora, allocate_shape, mola_shape
-    from moe_lora_jax.convert.load import load_llama_config
-    from moe_lora_jax.embedded import resolve_model_path
-
     _check_allocate_args(args)
     _check_outputs(args)
     label, note = _model_label(args.model)
@@ -178,14 +159,12 @@ def run_allocate(args: argparse.Namespace) -> int:
     config = load_llama_config(resolve_model_path(args.model))  # the shapes need only the number of layers
     num_layers = config.num_hidden_layers
     mola_shape("5555", num_layers, args.total, **limits)  # a budget no layout can meet fails before the analysis
-    if args.method == "alphalora":
+    fits, metric = None, None
+    if args.method == "alphalora":  # the table first: it is what the counts are read from
         _, fits, metric = _analyze(args.model, args.estimator)
         _print_alpha_table(fits, metric, f"PL_Alpha_Hill ({args.estimator}) of {label}", note)
-        alloc = allocate_alphalora(metric, args.total, args.beta, rounding=args.rounding, top_k=args.top_k, **limits,
-                                   provenance={**provenance, "estimator": args.estimator})
-    else:
-        metric = None
-        alloc = allocate_shape(args.method, num_layers, args.total, **limits, provenance=provenance)
+    alloc = allocate_recipe(args.method, num_layers, args.total, fits=fits, beta=args.beta, estimator=args.estimator,
+                            rounding=args.rounding, top_k=args.top_k, **limits, provenance=provenance)
     _print_counts(alloc, metric)
     alloc.to_json(args.json)
     print(f"wrote {args.json}")
@@ -212,8 +191,6 @@ def _print_counts(alloc: Any, metric: Sequence[float] | None) -> None:
 # ----------------------------------------------------------------------------- plots
 def _save_figure(fig: Any, path: str | Path) -> None:
     """Save through a temporary sibling file that is linked into place (never replaces an existing file)."""
-    from moe_lora_jax.atomic import atomic_file
-
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
 
@@ -230,8 +207,6 @@ def _pyplot():
 def plot_alphas(fits: Sequence[Any], layer_alpha: Sequence[float], path: str | Path, *, title: str,
                 note: str | None = None) -> None:
     """Alpha per layer, one line per module type and the layer mean (AlphaLoRA's figure 2)."""
-    from moe_lora_jax.allocation import module_metric
-
     plt = _pyplot()
     layers = list(range(len(layer_alpha)))
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -249,8 +224,6 @@ def plot_alphas(fits: Sequence[Any], layer_alpha: Sequence[float], path: str | P
 
 def plot_allocation(alloc: Any, path: str | Path, *, note: str | None = None) -> None:
     """Bars of the allocation with the MoLA shapes at the same budget as step lines (AlphaLoRA's figure 3)."""
-    from moe_lora_jax.allocation import mola_shape
-
     plt = _pyplot()
     counts = alloc.experts_per_layer
     layers = list(range(len(counts)))

@@ -30,6 +30,7 @@ Every result has a per-task breakdown keyed by the records' `task` field.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -37,11 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from moe_lora_jax.data import load_records
 from moe_lora_jax.data.bundled import exact_match
 from moe_lora_jax.data.records import Records, row_label
 from moe_lora_jax.data.templates import check_text_fields, prompt_ids, render_many
 from moe_lora_jax.errors import MoeLoraError
-from moe_lora_jax.generate import generate
+from moe_lora_jax.infer.generate import generate
 
 
 def stop_ids(tokenizer: Any, template: str, eos_token_ids: Sequence[int] = ()) -> tuple[int, ...]:
@@ -178,10 +180,6 @@ def load_eval_records(
 ) -> list[dict[str, Any]]:
     """Records of `split` from the bundled set (None or "bundled"), a file or directory, or a hub dataset
     ("name" or "name:config"), renamed by `columns` and cut to the first `limit`."""
-    from pathlib import Path
-
-    from moe_lora_jax.data import load_records
-
     if source in (None, "bundled"):
         rows = load_records(None, split)
     elif ":" in source and not Path(source).expanduser().exists() and "://" not in source:

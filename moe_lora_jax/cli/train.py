@@ -11,9 +11,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from moe_lora_jax.errors import MoeLoraError
+import jax
+import yaml
 
-QUICKSTART_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
+from moe_lora_jax.adapters.io import init_adapter
+from moe_lora_jax.atomic import run_lock, write_json_atomic
+from moe_lora_jax.data import load_records
+from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.infer.evaluate import exact_match_eval
+from moe_lora_jax.parallel.multihost import initialize_distributed, is_main_process
+from moe_lora_jax.train.config import load_config
+from moe_lora_jax.train.loop import build_run, check_output_dir, train
+
+QUICKSTART_CONFIG = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +47,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _config(path: Path, args: argparse.Namespace) -> Any:
-    from moe_lora_jax.train.config import load_config
-
     overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_config(path, overrides)
     out = Path(config.output_dir)
@@ -50,8 +58,6 @@ def _config(path: Path, args: argparse.Namespace) -> Any:
 
 def _announce(config: Any, config_file: Path) -> None:
     """Say what is about to run; an empty config file means every default, which deserves a sentence."""
-    import yaml
-
     if config_file.is_file() and not yaml.safe_load(config_file.read_text()):
         print(f"{config_file} is empty: training with every default setting (see moe_lora_jax/configs/quickstart.yaml)")
     adapter = config.adapter.get("method", "lora")
@@ -64,13 +70,8 @@ def _announce(config: Any, config_file: Path) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from moe_lora_jax.parallel.multihost import initialize_distributed
-    from moe_lora_jax.train.loop import train
-
     initialize_distributed()
     config = _config(Path(args.config), args)
-    from moe_lora_jax.parallel.multihost import is_main_process
-
     if is_main_process():
         _announce(config, Path(args.config))
     result = train(config, progress=not args.no_progress)
@@ -88,9 +89,6 @@ def fresh_dir(base: Path) -> Path:
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
-    from moe_lora_jax.atomic import run_lock
-    from moe_lora_jax.train.loop import check_output_dir
-
     config = _config(QUICKSTART_CONFIG, args)
     if args.output_dir is None:
         config = config.replace(output_dir=str(fresh_dir(Path(config.output_dir))))
@@ -105,14 +103,6 @@ def run_quickstart(args: argparse.Namespace) -> int:
 
 
 def _quickstart(config: Any, args: argparse.Namespace, report_path: Path) -> int:
-    import jax
-
-    from moe_lora_jax.atomic import write_json_atomic
-    from moe_lora_jax.data import load_records
-    from moe_lora_jax.evaluate import exact_match_eval
-    from moe_lora_jax.train.loop import build_run, check_output_dir, train
-    from moe_lora_jax.train.state import init_adapter
-
     check_output_dir(config)  # again, now that the directory is ours
     progress = not args.no_progress
     print(f"quickstart: writing to {config.output_dir}")
@@ -128,7 +118,7 @@ def _quickstart(config: Any, args: argparse.Namespace, report_path: Path) -> int
         return exact_match_eval(run.model, {"params": run.base, "adapter": adapter}, run.tokenizer, records,
                                 data.template, task_field=data.task_field, progress=progress)
 
-    before = score(init_adapter(run.model, jax.random.key(config.seed)))
+    before = score(init_adapter(run.model_config, ac, jax.random.key(config.seed)))
     print(f"exact match before training: {before['accuracy']:.3f} on {before['n']} held-out examples")
     result = train(config, progress=progress, run=run)
     after = score(result.state.adapter)

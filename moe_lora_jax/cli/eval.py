@@ -6,16 +6,20 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from moe_lora_jax.atomic import check_new_file, write_json_atomic
+from moe_lora_jax.cli.common import add_model_arg
+from moe_lora_jax.convert import load_model_and_adapter
+from moe_lora_jax.data.templates import check_text_fields
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.infer import evaluate
+from moe_lora_jax.tokenizer import load_tokenizer
 
 KINDS = ("exact-match", "multiple-choice", "perplexity")
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    from moe_lora_jax.cli import MODEL_HELP
-
     p = sub.add_parser("eval", help="score a model (and adapter): exact match, multiple choice or perplexity, per task")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_model_arg(p)
     p.add_argument("--adapter", default=None, help="adapter directory (native, PEFT LoRA or mixlora) to apply")
     p.add_argument("--data", required=True,
                    help="'bundled', a .json/.jsonl/.parquet file, a directory with SPLIT.jsonl, or a hub dataset (name or name:config)")
@@ -45,42 +49,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise MoeLoraError(f"--max-new-tokens={args.max_new_tokens}: ask for at least 1 token")
     if args.json_out is not None:
-        from moe_lora_jax.atomic import check_new_file
-
         if Path(args.json_out).is_dir():
             raise MoeLoraError(f"--json {args.json_out} is a directory: name a file")
         check_new_file(args.json_out)  # never overwritten (not even the --data file): fail before the slow work
-
-
-def load_model_and_adapter(model_arg: str | None, adapter_dir: str | None, merge: bool = False):
-    """(path, config, LlamaForCausalLM, variables) for `--model` with the adapter in `adapter_dir` applied.
-
-    The adapter is checked against the base model before the weights load, so a mismatch fails fast.
-    With `merge`, a plain LoRA is folded into the base kernels and the plain model serves it.
-    """
-    from moe_lora_jax.cli import _load
-    from moe_lora_jax.convert import load_llama_config
-    from moe_lora_jax.embedded import resolve_model_path
-    from moe_lora_jax.model import LlamaForCausalLM
-
-    path = resolve_model_path(model_arg)
-    adapter_config, adapter = None, None
-    if adapter_dir is not None:
-        from moe_lora_jax.adapters import load_adapter
-
-        adapter_config, adapter = load_adapter(adapter_dir, load_llama_config(path))
-        if merge and adapter_config.method != "lora":
-            from moe_lora_jax.adapters import merge_lora
-
-            merge_lora({}, adapter, adapter_config)  # refuses routed methods: before the slow weight load
-    _, config, params = _load(model_arg)
-    if adapter_config is None:
-        return path, config, LlamaForCausalLM(config), {"params": params}
-    if merge:
-        from moe_lora_jax.adapters import merge_lora
-
-        return path, config, LlamaForCausalLM(config), {"params": merge_lora(params, adapter, adapter_config)}
-    return path, config, LlamaForCausalLM(config, adapter_config), {"params": params, "adapter": adapter}
 
 
 def format_table(result: dict[str, Any], kind: str) -> str:
@@ -100,17 +71,12 @@ def format_table(result: dict[str, Any], kind: str) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from moe_lora_jax import evaluate
-    from moe_lora_jax.tokenizer import load_tokenizer
-
     _check_args(args)
     columns = evaluate.parse_columns(args.columns)
     records = evaluate.load_eval_records(args.data, args.split, columns, limit=args.limit)
     if not records:
         raise MoeLoraError(f"{args.data} split {args.split} has no examples")
     if args.kind == "exact-match":  # bad rows fail before the model loads, named by file and line
-        from moe_lora_jax.data.templates import check_text_fields
-
         check_text_fields(records)
     path, config, model, variables = load_model_and_adapter(args.model, args.adapter)
     tokenizer = load_tokenizer(path)
@@ -127,8 +93,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(result, args.kind))
     if args.json_out is not None:
         meta = {"model": str(path), "adapter": args.adapter, "data": args.data, "split": args.split, "kind": args.kind}
-        from moe_lora_jax.atomic import write_json_atomic
-
         write_json_atomic(args.json_out, {**meta, **result}, allow_nan=True, default=str)
         print(f"wrote {args.json_out}")
     return 0
