@@ -50,12 +50,17 @@ class AdapterContext(struct.PyTreeNode):
     pool_mask_BxL: tokens MiLoRA pools over (the prompt, padding excluded).
     routing_BxNxM: MiLoRA gates for every layer, reused instead of running the routers.
     layer_gates_BxM: this layer's MiLoRA gates (set by the decoder layer).
+    expert_valid, expert_top_k: under scanned layers with per-layer expert counts (model/scan.py),
+        target -> this layer's real expert count and top-k (int32 scalars): experts past the count
+        are padding, their router logits are masked to -inf.
     """
 
     deterministic: bool = struct.field(pytree_node=False, default=True)
     pool_mask_BxL: Any = None
     routing_BxNxM: Any = None
     layer_gates_BxM: Any = None
+    expert_valid: Any = None
+    expert_top_k: Any = None
 
 
 # ------------------------------------------------------------------ initialisers
@@ -122,14 +127,37 @@ def topk_gates(probs: jax.Array, k: int, renormalize: bool | str = True) -> jax.
     return gates
 
 
+def topk_gates_masked(probs: jax.Array, k_max: int, k: jax.Array, renormalize: bool | str = True) -> jax.Array:
+    """`topk_gates` with a traced k <= k_max (scanned layers): the ranks past k are dropped, and
+    the renormalisation follows `renormalizes` for that k."""
+    _, idx = jax.lax.top_k(probs, k_max)
+    keep = (jnp.arange(k_max) < k).astype(probs.dtype)
+    mask = jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=probs.dtype) * keep[:, None], axis=-2)
+    gates = probs * mask
+    renorm = renormalize == "always" or (renormalize is True and k_max > 1)
+    if not renorm:
+        return gates
+    renorm = jnp.asarray(True) if renormalize == "always" else k > 1
+    return jnp.where(renorm, gates / jnp.sum(gates, axis=-1, keepdims=True), gates)
+
+
 def route(mdl: nn.Module, x: jax.Array, num_experts: int, cfg: AdapterConfig, ctx: "AdapterContext",
-          top_k: int | None, name: str = "router") -> jax.Array:
-    """Token router: float32 logits x @ W [D, E], softmax, optional top-k. Sows logits and gates; returns gates."""
+          top_k: int | None, name: str = "router", valid: jax.Array | None = None,
+          dyn_top_k: jax.Array | None = None) -> jax.Array:
+    """Token router: float32 logits x @ W [D, E], softmax, optional top-k. Sows logits and gates; returns gates.
+
+    `valid` (scanned, padded layers): experts >= valid are padding, their logits are -inf;
+    `dyn_top_k`: this layer's top-k (<= the static `top_k`)."""
     w = adapter_var(mdl, name, router_init(cfg), (x.shape[-1], num_experts), (None, "expert"))
     x32 = jitter(mdl, x.astype(jnp.float32), cfg.router_jitter, ctx.deterministic)
     logits = jnp.dot(x32, w, precision=jax.lax.Precision.HIGHEST)
+    if valid is not None:
+        logits = jnp.where(jnp.arange(num_experts) < valid, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
-    gates = probs if top_k is None else topk_gates(probs, top_k, cfg.renormalize)
+    if top_k is not None and dyn_top_k is not None:
+        gates = topk_gates_masked(probs, top_k, dyn_top_k, cfg.renormalize)
+    else:
+        gates = probs if top_k is None else topk_gates(probs, top_k, cfg.renormalize)
     mdl.sow("intermediates", "router_logits", logits)
     mdl.sow("intermediates", "router_gates", gates)
     return gates
@@ -156,7 +184,10 @@ def expert_bank_delta(mdl: nn.Module, x: jax.Array, out_features: int, axes: tup
     E, r = num_experts, cfg.rank
     a = adapter_var(mdl, "lora_A", lora_a_init(cfg), (E, x.shape[-1], r), ("expert", axes[0], "rank"))
     b = adapter_var(mdl, "lora_B", nn.initializers.zeros, (E, r, out_features), ("expert", "rank", axes[1]))
-    gates = route(mdl, x, E, cfg, ctx, top_k)
+    target = getattr(mdl, "target", None)
+    valid = None if ctx.expert_valid is None else ctx.expert_valid.get(target)
+    dyn_top_k = None if ctx.expert_top_k is None or top_k is None else ctx.expert_top_k.get(target)
+    gates = route(mdl, x, E, cfg, ctx, top_k, valid=valid, dyn_top_k=dyn_top_k)
     xd = dropout(mdl, x, cfg.dropout, ctx.deterministic)
     h = jnp.einsum("...d,edr->...er", xd, a.astype(dtype))
     if cfg.sow_expert_outputs:  # static: with coefficient 0 nothing below is traced

@@ -34,6 +34,7 @@ from moe_lora_jax.adapters import layers as adapter_layers
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.adapters.layers import AdapterContext
 from moe_lora_jax.config import LlamaConfig
+from moe_lora_jax.model.scan import run_scanned_layers, scan_plan
 from moe_lora_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -340,7 +341,12 @@ class LlamaForCausalLM(nn.Module):
             ctx = AdapterContext(deterministic=deterministic, pool_mask_BxL=pool_mask, routing_BxNxM=routing)
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         new_k, new_v, gates = [], [], []
-        for i in range(cfg.num_hidden_layers):
+        plan = scan_plan(cfg.num_hidden_layers, ac) if cfg.scan_layers and not self.is_initializing() else None
+        if plan is not None:  # one lax.scan over the layers (init still builds the per-layer trees below)
+            x_BxLxD, new_k, new_v, gates = run_scanned_layers(
+                self, plan, DecoderLayer, x_BxLxD, cos_sin, mask_Bx1xLxS, cache, start, ctx, deterministic
+            )
+        for i in range(0 if plan is not None else cfg.num_hidden_layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], start)
             x_BxLxD, layer_kv, layer_gates = layer_cls(cfg, i, ac, name=f"layers_{i}")(
                 x_BxLxD, cos_sin, mask_Bx1xLxS, kv, ctx

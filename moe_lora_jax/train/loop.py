@@ -183,10 +183,10 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
     )
     task_types = loramoe_task_types(config, data.task_names, early_ac)  # before the weights: a bad list fails fast
     overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype)
-    model_config = load_llama_config(path).replace(remat=config.model.remat, **overrides)
+    model_config = load_llama_config(path).replace(remat=config.model.remat, scan_layers=config.model.scan_layers, **overrides)
     base_sh = param_shardings(LlamaForCausalLM(model_config), mesh)["params"]
     model_config, base = load_llama(path, progress=progress and jax.process_index() == 0, **overrides)
-    model_config = model_config.replace(remat=config.model.remat)
+    model_config = model_config.replace(remat=config.model.remat, scan_layers=config.model.scan_layers)
     base = put_global(base, base_sh)
     ac = adapter_config_from(config.adapter, base, model_config, progress=progress)
     objective = run_objective(config, ac.method)

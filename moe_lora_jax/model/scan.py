@@ -1,0 +1,193 @@
+"""Scanned decoder layers: one `jax.lax.scan` over the layer body instead of a Python loop.
+
+The public parameter trees stay per layer (`layers_{i}/...`): loaders, converters, exports,
+merge and spectral analysis all read them. Inside the forward the per-layer base trees are
+stacked into [num_layers, ...] arrays and the adapter trees are padded to the largest
+per-layer shape and stacked the same way; the scan runs one layer body over them, and
+gradients flow back through the pad and the stack to each layer's exact shapes.
+
+Layers whose expert counts differ (MoLA / AlphaLoRA allocations) run as E_max experts:
+the padded experts' A, B and router columns are zeros, their router logits are masked to
+-inf (so their probability and gate are exactly 0), and each layer's own top-k is a
+scanned value that masks the ranks past it. Router statistics are cropped back to each
+layer's own expert count before they are stored under `intermediates/layers_{i}`, so the
+losses see exactly what the unrolled model gives them.
+
+Configurations the scan does not cover fall back to the unrolled loop (`scan_plan` returns
+None): MoV with per-layer expert counts, and MiLoRA with a different router activation in
+the deep layers (their parameter trees differ between layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_lora_jax.adapters.config import AdapterConfig
+
+_EXPERT_BANK = ("molora", "loramoe", "mola")
+
+
+class _PaddedAllocation:
+    """Every layer gets the largest count of its module and the largest top-k (the scan body's static shapes)."""
+
+    def __init__(self, counts: dict[str, tuple[int, ...]], top_k: dict[str, tuple[int, ...]]):
+        self._counts = {m: tuple(c) for m, c in counts.items()}
+        self._top_k = {m: tuple(k) for m, k in top_k.items()}
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(self._counts)
+
+    @property
+    def num_layers(self) -> int:
+        return len(next(iter(self._counts.values())))
+
+    def counts(self, module: str) -> tuple[int, ...]:
+        return self._counts[module]
+
+    def top_k(self, module: str) -> tuple[int, ...] | None:
+        return self._top_k.get(module)
+
+    def _key(self):
+        return (tuple(sorted(self._counts.items())), tuple(sorted(self._top_k.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _PaddedAllocation) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanPlan:
+    """What the scan body needs: its adapter config (padded where counts differ) and, per padded
+    target, every layer's real expert count and top-k (scanned as int32 values)."""
+
+    body_adapter_config: AdapterConfig | None
+    valid: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    top_k: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+
+def scan_plan(num_layers: int, ac: AdapterConfig | None) -> ScanPlan | None:
+    """How the layers scan under `ac`, or None when they must stay unrolled (see the module doc)."""
+    if ac is None:
+        return ScanPlan(None)
+    if ac.method == "milora":
+        if ac.milora_activation_at(0, num_layers) != ac.milora_activation_at(num_layers - 1, num_layers):
+            return None
+        return ScanPlan(ac)
+    if ac.method in ("lora", "mixlora") or ac.allocation is None:
+        return ScanPlan(ac)
+    targets = [t for t in ac.targets if t in ("q", "k", "v", "o", "gate", "up", "down", "ffn")]
+    counts = {t: ac.expert_counts(t, num_layers) for t in targets}
+    if ac.method not in _EXPERT_BANK:
+        if all(len(set(c)) == 1 for c in counts.values()):
+            return ScanPlan(ac)
+        return None
+    top_k = {t: tuple(ac.layer_top_k(t, i, counts[t][i]) for i in range(num_layers)) for t in targets}
+    padded = _PaddedAllocation(
+        {t: (max(c),) * num_layers for t, c in counts.items()},
+        {t: (max(k),) * num_layers for t, k in top_k.items()},
+    )
+    return ScanPlan(ac.replace(allocation=padded), tuple(counts.items()), tuple(top_k.items()))
+
+
+def _stack_padded(trees: list[Any]) -> Any:
+    """Stack per-layer trees leaf by leaf into [num_layers, ...], zero-padding each leaf to the largest shape."""
+
+    def stack(*leaves):
+        shape = np.max([np.shape(x) for x in leaves], axis=0)
+        padded = [jnp.pad(x, [(0, int(s) - d) for s, d in zip(shape, np.shape(x))]) for x in leaves]
+        return jnp.stack(padded)
+
+    return jax.tree_util.tree_map(stack, *trees)
+
+
+def _crop_stats(tree: Any, counts: dict[str, int]) -> Any:
+    """Crop one layer's router statistics from E_max back to its own expert count per target."""
+
+    def crop(path, leaf):
+        names = [str(getattr(p, "key", "")) for p in path]
+        target = next((n[: -len("_proj")] for n in names if n.endswith("_proj")), None)
+        if target not in counts:
+            return leaf
+        E = counts[target]
+        if "expert_gram" in names:
+            return leaf[..., :E, :E]
+        if "router_logits" in names or "router_gates" in names:
+            return leaf[..., :E]
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(crop, tree)
+
+
+def run_scanned_layers(mdl: nn.Module, plan: ScanPlan, layer_cls: Any, x_BxLxD: jax.Array, cos_sin: Any,
+                       mask_Bx1xLxS: jax.Array, cache: Any, start: jax.Array, ctx: Any, deterministic: bool):
+    """Run the decoder layers of `mdl` (a LlamaForCausalLM in apply mode) as one scan.
+
+    Returns (x_BxLxD, new_k tuple, new_v tuple, milora gates per layer or None), like the unrolled loop,
+    and stores the layers' router statistics under `intermediates/layers_{i}` when that collection
+    is mutable. Dropout keys are split per layer from the module's `dropout` stream, so dropout
+    draws differ from the unrolled loop's (the deterministic forward is the same).
+    """
+    cfg = mdl.config
+    N = cfg.num_hidden_layers
+    variables = nn.meta.unbox(mdl.variables)
+    params = variables["params"]
+    base_N = _stack_padded([params[f"layers_{i}"] for i in range(N)])
+    adapter = variables.get("adapter", {})
+    adapter_N = _stack_padded([adapter[f"layers_{i}"] for i in range(N)]) if f"layers_0" in adapter else None
+    valid = dict(plan.valid)
+    xs: dict[str, Any] = {"base": base_N}
+    if adapter_N is not None:
+        xs["adapter"] = adapter_N
+    if valid:
+        xs["valid"] = {t: jnp.asarray(c, jnp.int32) for t, c in valid.items()}
+        xs["top_k"] = {t: jnp.asarray(k, jnp.int32) for t, k in plan.top_k}
+    if cache is not None:
+        xs["k"], xs["v"] = jnp.stack(cache.k), jnp.stack(cache.v)
+    if ctx is not None and ctx.routing_BxNxM is not None:
+        xs["routing"] = jnp.moveaxis(ctx.routing_BxNxM, 1, 0)[:, :, None, :]  # [N, B, 1, M]: the body is layer 0
+    if not deterministic:
+        xs["rng"] = jax.random.split(mdl.make_rng("dropout"), N)
+    keep_stats = mdl.is_mutable_collection("intermediates")
+    body_layer = layer_cls(cfg, 0, plan.body_adapter_config)
+
+    def body(x, s):
+        variables = {"params": s["base"]}
+        if "adapter" in s:
+            variables["adapter"] = s["adapter"]
+        layer_ctx = ctx
+        if layer_ctx is not None:
+            if "routing" in s:
+                layer_ctx = layer_ctx.replace(routing_BxNxM=s["routing"])
+            if "valid" in s:
+                layer_ctx = layer_ctx.replace(expert_valid=s["valid"], expert_top_k=s["top_k"])
+        kv = (s["k"], s["v"], start) if "k" in s else None
+        rngs = {"dropout": s["rng"]} if "rng" in s else None
+        out = body_layer.apply(variables, x, cos_sin, mask_Bx1xLxS, kv, layer_ctx, rngs=rngs,
+                               mutable=["intermediates"] if keep_stats else False)
+        (x, layer_kv, gates), stats = out if keep_stats else (out, {})
+        return x, (layer_kv, gates, stats.get("intermediates", {}))
+
+    if cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x_BxLxD, (kv_N, gates_N, stats_N) = jax.lax.scan(body, x_BxLxD, xs)
+    new_k = new_v = ()
+    if kv_N is not None:
+        new_k = tuple(kv_N[0][i] for i in range(N))
+        new_v = tuple(kv_N[1][i] for i in range(N))
+    if keep_stats and stats_N:
+        for i in range(N):
+            layer_stats = jax.tree_util.tree_map(lambda a: a[i], stats_N)
+            if valid:
+                layer_stats = _crop_stats(layer_stats, {t: c[i] for t, c in valid.items()})
+            mdl.put_variable("intermediates", f"layers_{i}", layer_stats)
+    gates = None if gates_N is None else [gates_N[i] for i in range(N)]
+    return x_BxLxD, new_k, new_v, gates
