@@ -13,7 +13,7 @@ from adapter_testlib import TINY, init_adapter, randomize, tiny_base
 from moe_lora_jax import LlamaForCausalLM
 from moe_lora_jax.adapters import AdapterConfig
 from moe_lora_jax.allocation import Allocation
-from moe_lora_jax.generate import generate
+from moe_lora_jax.infer.generate import generate
 from moe_lora_jax.model.scan import scan_plan
 
 CFG = TINY.replace(num_hidden_layers=3)
@@ -70,7 +70,9 @@ def _max_diff(a, b):
     return max((float(jnp.max(jnp.abs(x - y))) for x, y in pairs), default=0.0)
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
+# The expert-bank, top-k, prompt-router and FFN-dispatch paths; lora, molora, mov and loramoe share
+# their code with these and are left out to keep the suite's time (each case compiles two models).
+@pytest.mark.parametrize("method", ["mola", "mola_topk", "milora", "mixlora"])
 def test_scanned_layers_match_the_unrolled_loop(base, method):
     ac = CONFIGS[method]
     assert scan_plan(CFG.num_hidden_layers, ac) is not None
@@ -87,7 +89,7 @@ def test_scanned_layers_match_the_unrolled_loop(base, method):
     assert _max_diff(inter, ref_inter) <= 10 * TOL  # router statistics (raw logits up to ~10) cropped to each layer's count
 
 
-@pytest.mark.parametrize("method", ["mola", "milora"])
+@pytest.mark.parametrize("method", ["milora"])
 def test_scanned_kv_cache_decoding_gives_the_same_tokens(base, method):
     ac = CONFIGS[method]
     variables = {"params": base, "adapter": randomize(init_adapter(CFG, ac), seed=3, scale=0.1)}
