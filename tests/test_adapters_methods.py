@@ -237,14 +237,14 @@ def test_bad_config_is_one_clear_error(kwargs, message):
         (dict(method="lora", rank=49), "rank=49 is larger than the q_proj linear"),
         (dict(method="mola", top_k=5, num_experts=4), "top_k=5 is larger than the 4 experts of q in layer 0"),
         (dict(method="mola", top_k=1, allocation=dict(q=(2, 4, 4))), "covers 3 layers but the model has 2"),
-        (dict(method="mola", top_k=1, allocation=dict(q=(2, 0))), "layer 1 of q 0 experts"),
+        (dict(method="mola", top_k=1, allocation=dict(q=(2, 0))), "layer 1 of q has 0 experts"),
     ],
 )
 def test_bad_config_for_model_is_one_clear_error(base, kwargs, message):
     config, _ = base
-    if "allocation" in kwargs:
-        counts = {m: kwargs["allocation"].get(m, kwargs["allocation"]["q"]) for m in ("q", "k", "v", "o", "gate", "up", "down")}
-        kwargs = dict(kwargs, allocation=_allocation(**counts))
-    with pytest.raises(MoeLoraError, match=message):
+    with pytest.raises(MoeLoraError, match=message):  # a zero count is refused when the Allocation is built
+        if "allocation" in kwargs:
+            counts = {m: kwargs["allocation"].get(m, kwargs["allocation"]["q"]) for m in ("q", "k", "v", "o", "gate", "up", "down")}
+            kwargs = dict(kwargs, allocation=_allocation(**counts))
         model = LlamaForCausalLM(config, AdapterConfig(**kwargs))
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))

@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from adapter_testlib import TINY
 from subprocess_testlib import start, stop
 from test_train_loop import tiny_config, tiny_model_dir  # noqa: F401 (tiny_model_dir: a fixture)
 
@@ -210,7 +211,10 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_holder(tmp_pat
         while "held" not in (tmp_path / "hold.log").read_text():
             assert holder[0].poll() is None and time.time() < deadline, (tmp_path / "hold.log").read_text()
             time.sleep(0.1)
-        argv = ["train", "--config", _train_yaml(tmp_path), "--output-dir", str(out), "--set", f"model.path={tmp_path / 'nomodel'}"]
+        model = tmp_path / "config_only"  # the config is checked before the lock: a valid one, but no weights
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps(TINY.to_hf()))
+        argv = ["train", "--config", _train_yaml(tmp_path), "--output-dir", str(out), "--set", f"model.path={model}"]
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"in use by another train run (pid {holder[0].pid} on {socket.gethostname()}" in err, err

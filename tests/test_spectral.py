@@ -123,17 +123,17 @@ def test_alphalora_allocation_of_the_embedded_model_matches_expert_number_py(fix
 def test_quickstart_adapter_resolves_on_the_embedded_model(smollm2, fix_finger64, monkeypatch):
     """The quickstart's adapter section (AlphaLoRA recipe, no min_experts) builds on SmolLM2: layers the
     authors' rounding gives one expert route top-1. The spectra are the fixture's (not re-analysed)."""
-    import moe_lora_jax.allocation as allocation
+    import moe_lora_jax.allocation.recipes as recipes
     from moe_lora_jax.train.config import load_config
     from moe_lora_jax.train.loop import adapter_config_from
 
     keys, fits = fix_finger64
     metric = [float(np.mean([f["alpha"] for k, f in zip(keys, fits) if k[0] == layer])) for layer in range(30)]
-    monkeypatch.setattr(allocation, "analyze_params", lambda *a, **k: None)
-    monkeypatch.setattr(allocation, "layer_metric", lambda fits, num_layers: metric)
+    monkeypatch.setattr(recipes, "analyze_params", lambda *a, **k: None)
+    monkeypatch.setattr(recipes, "layer_metric", lambda fits, num_layers: metric)
     raw = load_config(Path(__file__).resolve().parent.parent / "experiments" / "configs" / "quickstart.yaml").adapter
     assert "min_experts" not in raw["allocation"]
-    ac = adapter_config_from(raw, None, smollm2[0])  # validates against the model
+    ac = adapter_config_from(raw, smollm2[1], smollm2[0])  # validates against the model (spectra patched)
     counts = ac.allocation.counts("q")
     assert sum(counts) == 90 and 1 in counts and ac.allocation.method == "alphalora"
     assert [ac.layer_top_k("v", i, n) for i, n in enumerate(counts)] == [1 if n == 1 else 2 for n in counts]

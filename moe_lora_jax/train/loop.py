@@ -300,9 +300,9 @@ def train(
     from moe_lora_jax.atomic import run_lock
     from moe_lora_jax.parallel.multihost import is_main_process
 
+    check_output_dir(config)  # a file or a foreign directory: refused before anything is read or made
     if run is None:
         check_config(config)  # a bad setting fails before anything is written, the lock file included
-    check_output_dir(config)  # a file or a foreign directory: refused before the lock file is made
     with run_lock(config.output_dir, "train run") if is_main_process() else contextlib.nullcontext():
         check_output_dir(config)  # again, now that no other run can change it
         return _train(config, progress=progress, stop_after=stop_after, run=run, batch_hook=batch_hook)
