@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from moe_lora_jax.adapters.layers import topk_mask
 from moe_lora_jax.errors import MoeLoraError
 
 _EPS = 1e-10
@@ -69,8 +70,7 @@ def _token_weights(stat_logits: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def _topk_onehot(probs: jax.Array, k: int) -> jax.Array:
-    _, idx = jax.lax.top_k(probs, k)
-    return jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=jnp.float32), axis=-2)
+    return topk_mask(probs, k, jnp.float32)
 
 
 def _stat_k(top_k: Any, stat: RouterStat, num_experts: int) -> int:

@@ -112,6 +112,12 @@ def renormalizes(renormalize: bool | str, k: int) -> bool:
     return renormalize == "always" or (renormalize is True and k > 1)
 
 
+def topk_mask(probs: jax.Array, k: int, dtype: Any = None) -> jax.Array:
+    """1 at the k largest entries of the last axis, else 0 (the selection of routers and of the Switch term)."""
+    _, idx = jax.lax.top_k(probs, k)
+    return jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=dtype or probs.dtype), axis=-2)
+
+
 def topk_gates(probs: jax.Array, k: int, renormalize: bool | str = True) -> jax.Array:
     """Keep the k largest probabilities (exactly k non-zero), renormalised to sum to 1 when k > 1.
 
@@ -119,9 +125,7 @@ def topk_gates(probs: jax.Array, k: int, renormalize: bool | str = True) -> jax.
     1 and the router would get no gradient from the task loss (only from balance terms);
     renormalize="always" does that anyway (the references' code).
     """
-    _, idx = jax.lax.top_k(probs, k)
-    mask = jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=probs.dtype), axis=-2)
-    gates = probs * mask
+    gates = probs * topk_mask(probs, k)
     if renormalizes(renormalize, k):
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     return gates
