@@ -18,9 +18,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from adapter_testlib import TINY
+from conftest import TINY
 from subprocess_testlib import start, stop
-from test_train_loop import tiny_config, tiny_model_dir  # noqa: F401 (tiny_model_dir: a fixture)
+from conftest import tiny_config
 
 from moe_lora_jax.cli import build_parser, main
 from moe_lora_jax.errors import MoeLoraError

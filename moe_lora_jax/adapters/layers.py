@@ -24,7 +24,7 @@ from moe_lora_jax.adapters.config import AdapterConfig
 ADAPTER = "adapter"
 
 # Safe Pade activation R(x) = sum_{j<=6} a_j x^j / (1 + |sum_{1<=k<=5} b_k x^k|), least-squares fitted to
-# GELU (erf form) on [-4, 4]: max error 1.7e-3 there (see tests/test_adapters_methods.py, which refits it).
+# GELU (erf form) on [-4, 4]: max error 1.7e-3 there (see tests/adapters/test_adapters_methods.py, which refits it).
 RATIONAL_GELU_NUM = (
     -9.6439498221082963e-04,
     5.1628140990027360e-01,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import subprocess_testlib as sp
-from test_train_loop import tiny_overrides, tiny_model_dir  # noqa: F401 - the module's fixture
+from conftest import tiny_overrides
 
 DRIVER = '''
 import os, signal, sys

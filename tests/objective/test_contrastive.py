@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from adapter_testlib import TINY, batch, init_adapter, randomize, tiny_base
+from conftest import TINY, batch, init_adapter, randomize, tiny_base
 
 from moe_lora_jax import LlamaForCausalLM, MoeLoraError
 from moe_lora_jax.adapters import AdapterConfig

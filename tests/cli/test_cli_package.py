@@ -112,7 +112,7 @@ def test_python_dash_m_runs_the_command_and_loads_no_heavy_optional_module():
 def test_load_model_and_adapter_checks_the_adapter_before_the_weights(tmp_path, monkeypatch):
     import jax
 
-    from adapter_testlib import TINY, init_adapter, randomize, tiny_base
+    from conftest import TINY, init_adapter, randomize, tiny_base
     from moe_lora_jax.adapters import AdapterConfig, save_adapter
     from moe_lora_jax.convert import load_model_and_adapter, loader, save_hf_llama
     from moe_lora_jax.errors import MoeLoraError
@@ -158,7 +158,7 @@ def test_one_recipe_dispatch_for_train_config_and_allocate():
     assert shape == allocate_recipe("mola-8642", 4, 20)
     assert shape.experts_per_layer == [8, 6, 4, 2]  # MoLA's triangle, one layer per quarter
 
-    from adapter_testlib import TINY, tiny_base
+    from conftest import TINY, tiny_base
 
     _, params = tiny_base(TINY.replace(num_hidden_layers=4), seed=1)
     via_config = resolve_allocation({"method": "alphalora", "total": 12, "top_k": 2}, params, 4)

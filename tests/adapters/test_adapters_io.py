@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from adapter_testlib import init_adapter, randomize
+from conftest import init_adapter, randomize
 from conftest import make_hf_llama
 
 from moe_lora_jax import LlamaForCausalLM, MoeLoraError, load_hf_llama

@@ -10,38 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_hf_llama
+from conftest import tiny_config
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.train.checkpoint import CheckpointStore, all_finite
-from moe_lora_jax.train.config import load_config
 from moe_lora_jax.train.loop import train
 from moe_lora_jax.train.state import TrainState
-
-
-@pytest.fixture(scope="session")  # shared with tests/test_outputs.py
-def tiny_model_dir(tmp_path_factory, smollm2):
-    """A random 2-layer LLaMA with SmolLM2's vocabulary and tokenizer (chat template included)."""
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    make_hf_llama(d, vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=2, bos_token_id=1,
-                  eos_token_id=2)
-    smollm2[2].save_pretrained(d)
-    return d
-
-
-def tiny_overrides(model_dir, out_dir, *overrides: str) -> list[str]:
-    """Dotted overrides of a tiny, fast run: 6 steps of MoLA on 300 bundled examples, one batch shape."""
-    return [
-        f"model.path={model_dir}", f"output_dir={out_dir}", "data.bundled_size=300", "data.template=chat",
-        "data.batching=fixed", "data.max_len=96", "loop.steps=6", "loop.global_batch=8", "loop.log_every=1",
-        "loop.eval_every=100", "loop.eval_batches=1", "checkpoint.every=2", "checkpoint.async_save=false",
-        "adapter.method=mola", "adapter.num_experts=3", "adapter.rank=4", "optim.lr=1e-2", "optim.warmup_steps=1",
-        *overrides,
-    ]
-
-
-def tiny_config(model_dir, out_dir, *overrides: str):
-    return load_config(None, tiny_overrides(model_dir, out_dir, *overrides))
 
 
 def leaves(tree):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from adapter_testlib import init_adapter, randomize
+from conftest import init_adapter, randomize
 from conftest import make_hf_llama, torch_logits
 
 from moe_lora_jax import LlamaConfig, LlamaForCausalLM, load_hf_llama

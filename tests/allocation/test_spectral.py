@@ -131,7 +131,7 @@ def test_quickstart_adapter_resolves_on_the_embedded_model(smollm2, fix_finger64
     metric = [float(np.mean([f["alpha"] for k, f in zip(keys, fits) if k[0] == layer])) for layer in range(30)]
     monkeypatch.setattr(recipes, "analyze_params", lambda *a, **k: None)
     monkeypatch.setattr(recipes, "layer_metric", lambda fits, num_layers: metric)
-    raw = load_config(Path(__file__).resolve().parent.parent / "experiments" / "configs" / "quickstart.yaml").adapter
+    raw = load_config(Path(__file__).resolve().parents[2] / "experiments" / "configs" / "quickstart.yaml").adapter
     assert "min_experts" not in raw["allocation"]
     ac = adapter_config_from(raw, smollm2[1], smollm2[0])  # validates against the model (spectra patched)
     counts = ac.allocation.counts("q")

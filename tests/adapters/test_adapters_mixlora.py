@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from adapter_testlib import init_adapter, randomize
+from conftest import init_adapter, randomize
 from conftest import make_hf_llama
 
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama

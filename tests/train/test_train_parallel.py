@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from subprocess_testlib import finish, free_port, start
-from test_train_loop import tiny_model_dir, tiny_overrides  # noqa: F401 - fixture
+from conftest import tiny_overrides
 
 EIGHT_DEVICE_STEPS = """
 import os, json

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from adapter_testlib import init_adapter, randomize
+from conftest import init_adapter, randomize
 from conftest import make_hf_llama
 
 from moe_lora_jax import LlamaForCausalLM, load_hf_llama

@@ -18,7 +18,7 @@ from moe_lora_jax.train.config import (
     save_resolved,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "experiments" / "configs" / "quickstart.yaml"
 
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from adapter_testlib import adapter_shapes, batch, tiny_base
-from adapter_testlib import init_adapter as filled_adapter
+from conftest import adapter_shapes, batch, tiny_base
+from conftest import init_adapter as filled_adapter
 
 from moe_lora_jax import LlamaForCausalLM, MoeLoraError
 from moe_lora_jax.adapters import AdapterConfig, load_adapter, save_adapter

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_loop import tiny_config, tiny_model_dir  # noqa: F401 - the module fixture
+from conftest import tiny_config
 
 from moe_lora_jax import MoeLoraError
 from moe_lora_jax.adapters import AdapterConfig

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from adapter_testlib import TINY, init_adapter, randomize, tiny_base
+from conftest import TINY, init_adapter, randomize, tiny_base
 
 from moe_lora_jax import LlamaForCausalLM
 from moe_lora_jax.adapters import AdapterConfig, merge_lora
