@@ -18,9 +18,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import TINY
 from subprocess_testlib import start, stop
-from conftest import tiny_config
+from conftest import TINY, tiny_config
 
 from moe_lora_jax.cli import build_parser, main
 from moe_lora_jax.errors import MoeLoraError

@@ -15,14 +15,13 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import TINY, batch as make_batch, init_adapter, tiny_base
+from conftest import TINY, batch as make_batch, init_adapter, tiny_base, tiny_config
 from moe_lora_jax import LlamaForCausalLM
 from moe_lora_jax.adapters import AdapterConfig
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.losses import total_loss
 from moe_lora_jax.train.state import TrainState
 from moe_lora_jax.train.step import describe_nonfinite, make_train_step
-from conftest import tiny_config
 
 AC = AdapterConfig(method="lora", rank=2, target_modules=("q", "v"))
 
