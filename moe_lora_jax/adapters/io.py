@@ -25,14 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from moe_lora_jax import layout
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.atomic import atomic_dir
 from moe_lora_jax.errors import MoeLoraError
 
 NATIVE_FORMAT = "moe_lora_jax"
-PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# Projection and block names of the adapted linears, read from the one table (moe_lora_jax.layout).
+PROJ = {lin.name: lin.proj for lin in layout.LINEARS}
 SHORT = {v: k for k, v in PROJ.items()}
-BLOCK = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+BLOCK = {lin.name: lin.block for lin in layout.LINEARS}
 
 
 def _base_shape(model_config: Any) -> dict[str, int]:
@@ -120,7 +122,7 @@ def save_adapter(out_dir: str | Path, adapter: Mapping[str, Any], adapter_config
         for i in range(model_config.num_hidden_layers):
             for t in adapter_config.targets:
                 leaf = adapter[f"layers_{i}"][BLOCK[t]][PROJ[t]]
-                prefix = f"base_model.model.model.layers.{i}.{BLOCK[t]}.{PROJ[t]}"
+                prefix = f"base_model.model.{layout.linear(t).hf_module(i)}"
                 tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(leaf["lora_A"], np.float32).T)
                 tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.asarray(leaf["lora_B"], np.float32).T)
         cfg = {
@@ -279,10 +281,10 @@ def _load_peft(d: Path, meta: Mapping[str, Any]):
     for key, value in tensors.items():
         m = _PEFT_KEY.search(key)
         if m is None:
-            raise MoeLoraError(f"{d}: tensor {key} is not a LoRA weight of a LLaMA linear: only q/k/v/o/gate/up/down are supported")
+            raise MoeLoraError(f"{d}: tensor {key} is not a LoRA weight of a LLaMA linear: only {'/'.join(PROJ)} are supported")
         layer, block, proj, ab = m.groups()
         if proj not in SHORT:
-            raise MoeLoraError(f"{d}: unknown target module {proj}: use q/k/v/o/gate/up/down_proj")
+            raise MoeLoraError(f"{d}: unknown target module {proj}: use one of {', '.join(SHORT)}")
         targets.add(SHORT[proj])
         tree.setdefault(f"layers_{layer}", {}).setdefault(block, {}).setdefault(proj, {})[f"lora_{ab}"] = jnp.asarray(
             np.asarray(value, np.float32).T
