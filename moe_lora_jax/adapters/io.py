@@ -29,6 +29,8 @@ from moe_lora_jax import layout
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.atomic import atomic_dir
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.model import LlamaForCausalLM
+from moe_lora_jax.objective import resolve_objective
 
 NATIVE_FORMAT = "moe_lora_jax"
 # Projection and block names of the adapted linears, read from the one table (moe_lora_jax.layout).
@@ -52,8 +54,6 @@ def adapter_shapes(model_config: Any, adapter_config: AdapterConfig) -> dict[str
     """The adapter tree's shapes for this model (no computation)."""
     import flax.linen as nn
 
-    from moe_lora_jax.model import LlamaForCausalLM
-
     model = LlamaForCausalLM(model_config, adapter_config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
     return nn.unbox(shapes["adapter"])
@@ -67,8 +67,6 @@ def init_adapter(model_config: Any, adapter_config: AdapterConfig, rng: jax.Arra
     materialised. The one initialiser: training, quickstart and the docs all use it.
     """
     import flax.linen as nn
-
-    from moe_lora_jax.model import LlamaForCausalLM
 
     model = LlamaForCausalLM(model_config, adapter_config)
     init = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros(batch_shape, jnp.int32))["adapter"]))
@@ -354,6 +352,4 @@ def _load_mixlora(d: Path, meta: Mapping[str, Any]):
 
 
 def _mixlora_switch_default() -> float:
-    from moe_lora_jax.objective import resolve_objective
-
     return resolve_objective(None, "mixlora").switch_coef

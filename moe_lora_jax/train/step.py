@@ -47,6 +47,7 @@ from moe_lora_jax.losses import RouterStat, _layer_top_k, _stat_k, router_stats,
 from moe_lora_jax.parallel.mesh import BATCH_AXES
 from moe_lora_jax.parallel.rules import batch_sharding
 from moe_lora_jax.train.metrics import routing_stats
+from moe_lora_jax.train.optim import path_str
 from moe_lora_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -248,7 +249,6 @@ def describe_nonfinite(flags: Any, first_leaf: Any, adapter: Any, opt_state: Any
 
     `adapter` and `opt_state` give the leaf names (their structure, e.g. the state's own trees).
     """
-    from moe_lora_jax.train.optim import path_str
 
     flags, first_leaf = np.asarray(flags).tolist(), np.asarray(first_leaf).tolist()
     trees = (None, adapter, adapter, opt_state)  # gradients are shaped like the adapter
