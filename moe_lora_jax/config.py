@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from moe_lora_jax import layout
 from moe_lora_jax.errors import MoeLoraError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -109,11 +110,13 @@ class LlamaConfig:
 
     @property
     def q_width(self) -> int:
-        return self.num_attention_heads * self.head_dim
+        """Output features of q_proj (moe_lora_jax.layout)."""
+        return layout.dims("q", self)[1]
 
     @property
     def kv_width(self) -> int:
-        return self.num_key_value_heads * self.head_dim
+        """Output features of k_proj / v_proj (moe_lora_jax.layout)."""
+        return layout.dims("k", self)[1]
 
     # ------------------------------------------------------------------ HF I/O
     @classmethod

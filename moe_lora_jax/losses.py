@@ -23,6 +23,7 @@ from flax import traverse_util
 
 from moe_lora_jax.adapters.layers import topk_mask
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.objective import resolve_objective
 
 _EPS = 1e-10
 
@@ -340,7 +341,6 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
         # (logits [B, M]), counting every row that holds a token (eval batches pad with empty rows).
         stats = router_stats(inter, "milora")
         mask = None if attn is None else jnp.any(jnp.asarray(attn).astype(bool), axis=1)
-    from moe_lora_jax.objective import resolve_objective
 
     obj = resolve_objective(objective, ac.method)
     terms = []

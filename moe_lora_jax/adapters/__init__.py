@@ -6,17 +6,14 @@
 """
 
 from moe_lora_jax.adapters.config import METHODS, AdapterConfig
+from moe_lora_jax.adapters.merge import merge_lora
 
 __all__ = ["METHODS", "AdapterConfig", "load_adapter", "save_adapter", "init_adapter", "merge_lora"]
 
 
-def __getattr__(name):  # lazy: io imports the model, which imports this package
+def __getattr__(name):
     if name in ("load_adapter", "save_adapter", "init_adapter"):
-        from moe_lora_jax.adapters import io
+        from moe_lora_jax.adapters import io  # local: io imports the model, which imports this package (a cycle)
 
         return getattr(io, name)
-    if name == "merge_lora":
-        from moe_lora_jax.adapters.merge import merge_lora
-
-        return merge_lora
     raise AttributeError(name)

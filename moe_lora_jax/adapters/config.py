@@ -13,13 +13,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from moe_lora_jax import layout
 from moe_lora_jax.allocation.allocation import Allocation
 from moe_lora_jax.errors import MoeLoraError
 
 METHODS = ("lora", "molora", "mov", "mola", "loramoe", "mixlora", "milora")
-LINEAR_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
-ATTENTION_MODULES = ("q", "k", "v", "o")
-FFN_MODULES = ("gate", "up", "down")
+# The adapted linears and their groups come from the one table (moe_lora_jax.layout).
+LINEAR_MODULES = layout.ALL
+ATTENTION_MODULES = layout.ATTENTION
+FFN_MODULES = layout.FFN
 MOV_MODULES = ("k", "v", "ffn")  # "ffn": the SwiGLU activation silu(gate) * up that feeds down_proj
 POOLINGS = ("attention", "mean", "last", "max")
 ROUTER_INITS = ("kaiming", "normal")
@@ -331,11 +333,8 @@ def _check_field_types(ac: "AdapterConfig") -> None:
 
 
 def linear_dims(model_config: Any) -> dict[str, tuple[int, int]]:
-    """(in, out) features of the seven target linears of a LlamaConfig."""
-    D, F = model_config.hidden_size, model_config.intermediate_size
-    q = model_config.num_attention_heads * model_config.head_dim
-    kv = model_config.num_key_value_heads * model_config.head_dim
-    return {"q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D), "gate": (D, F), "up": (D, F), "down": (F, D)}
+    """(in, out) features of the seven target linears of a LlamaConfig (read from moe_lora_jax.layout)."""
+    return layout.all_dims(model_config)
 
 
 # ---------------------------------------------------------------- Allocation JSON

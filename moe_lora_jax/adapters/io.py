@@ -25,14 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from moe_lora_jax import layout
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.atomic import atomic_dir
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.model import LlamaForCausalLM
+from moe_lora_jax.objective import resolve_objective
 
 NATIVE_FORMAT = "moe_lora_jax"
-PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# Projection and block names of the adapted linears, read from the one table (moe_lora_jax.layout).
+PROJ = {lin.name: lin.proj for lin in layout.LINEARS}
 SHORT = {v: k for k, v in PROJ.items()}
-BLOCK = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+BLOCK = {lin.name: lin.block for lin in layout.LINEARS}
 
 
 def _base_shape(model_config: Any) -> dict[str, int]:
@@ -50,8 +54,6 @@ def adapter_shapes(model_config: Any, adapter_config: AdapterConfig) -> dict[str
     """The adapter tree's shapes for this model (no computation)."""
     import flax.linen as nn
 
-    from moe_lora_jax.model import LlamaForCausalLM
-
     model = LlamaForCausalLM(model_config, adapter_config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
     return nn.unbox(shapes["adapter"])
@@ -65,8 +67,6 @@ def init_adapter(model_config: Any, adapter_config: AdapterConfig, rng: jax.Arra
     materialised. The one initialiser: training, quickstart and the docs all use it.
     """
     import flax.linen as nn
-
-    from moe_lora_jax.model import LlamaForCausalLM
 
     model = LlamaForCausalLM(model_config, adapter_config)
     init = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros(batch_shape, jnp.int32))["adapter"]))
@@ -120,7 +120,7 @@ def save_adapter(out_dir: str | Path, adapter: Mapping[str, Any], adapter_config
         for i in range(model_config.num_hidden_layers):
             for t in adapter_config.targets:
                 leaf = adapter[f"layers_{i}"][BLOCK[t]][PROJ[t]]
-                prefix = f"base_model.model.model.layers.{i}.{BLOCK[t]}.{PROJ[t]}"
+                prefix = f"base_model.model.{layout.linear(t).hf_module(i)}"
                 tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(leaf["lora_A"], np.float32).T)
                 tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.asarray(leaf["lora_B"], np.float32).T)
         cfg = {
@@ -279,10 +279,10 @@ def _load_peft(d: Path, meta: Mapping[str, Any]):
     for key, value in tensors.items():
         m = _PEFT_KEY.search(key)
         if m is None:
-            raise MoeLoraError(f"{d}: tensor {key} is not a LoRA weight of a LLaMA linear: only q/k/v/o/gate/up/down are supported")
+            raise MoeLoraError(f"{d}: tensor {key} is not a LoRA weight of a LLaMA linear: only {'/'.join(PROJ)} are supported")
         layer, block, proj, ab = m.groups()
         if proj not in SHORT:
-            raise MoeLoraError(f"{d}: unknown target module {proj}: use q/k/v/o/gate/up/down_proj")
+            raise MoeLoraError(f"{d}: unknown target module {proj}: use one of {', '.join(SHORT)}")
         targets.add(SHORT[proj])
         tree.setdefault(f"layers_{layer}", {}).setdefault(block, {}).setdefault(proj, {})[f"lora_{ab}"] = jnp.asarray(
             np.asarray(value, np.float32).T
@@ -352,6 +352,4 @@ def _load_mixlora(d: Path, meta: Mapping[str, Any]):
 
 
 def _mixlora_switch_default() -> float:
-    from moe_lora_jax.objective import resolve_objective
-
     return resolve_objective(None, "mixlora").switch_coef

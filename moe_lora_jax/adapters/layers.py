@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from moe_lora_jax import layout
 from moe_lora_jax.adapters.config import AdapterConfig
 
 ADAPTER = "adapter"
@@ -278,7 +279,7 @@ def mixlora_ffn(mdl: nn.Module, x_BxLxD: jax.Array, config: Any, cfg: AdapterCon
     B, L, D = x_BxLxD.shape
     F, E, k, r = config.intermediate_size, cfg.num_experts, cfg.top_k, cfg.rank
     targets = cfg.targets
-    spec = {"gate": (D, F, ("embed", "mlp")), "up": (D, F, ("embed", "mlp")), "down": (F, D, ("mlp", "embed"))}
+    spec = {m: (*layout.dims(m, config), layout.linear(m).axes) for m in layout.FFN}
     w, lora = {}, {}
     for m, (din, dout, axes) in spec.items():
         kern = FFNKernel(din, dout, axes, param_dtype, num_experts=E if m in targets else 0, rank=r, name=f"{m}_proj")

@@ -15,10 +15,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from moe_lora_jax import layout
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.errors import MoeLoraError
-
-_BLOCK = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
 
 
 def _layer_names(params: Mapping[str, Any]) -> list[str]:
@@ -26,12 +25,13 @@ def _layer_names(params: Mapping[str, Any]) -> list[str]:
 
 
 def _lora_leaf(adapter: Mapping[str, Any], layer: str, target: str) -> Mapping[str, Any]:
+    lin = layout.linear(target)
     try:
-        leaf = adapter[layer][_BLOCK[target]][f"{target}_proj"]
+        leaf = adapter[layer][lin.block][lin.proj]
         leaf["lora_A"], leaf["lora_B"]
     except (KeyError, TypeError):
         raise MoeLoraError(
-            f"the adapter lacks {layer}/{_BLOCK[target]}/{target}_proj/lora_A or lora_B: "
+            f"the adapter lacks {layer}/{lin.block}/{lin.proj}/lora_A or lora_B: "
             "it does not match its AdapterConfig or this base model"
         ) from None
     return leaf
@@ -53,13 +53,14 @@ def merge_lora(params: Mapping[str, Any], adapter: Mapping[str, Any], adapter_co
     for layer in _layer_names(merged):
         for target in adapter_config.targets:
             leaf = _lora_leaf(adapter, layer, target)
-            linear = merged[layer][_BLOCK[target]][f"{target}_proj"]
+            lin = layout.linear(target)
+            linear = merged[layer][lin.block][lin.proj]
             kernel = linear["kernel"]
             delta_IxO = jnp.dot(jnp.asarray(leaf["lora_A"], jnp.float32), jnp.asarray(leaf["lora_B"], jnp.float32),
                                 precision=jax.lax.Precision.HIGHEST) * scale
             if delta_IxO.shape != kernel.shape:
                 raise MoeLoraError(
-                    f"{layer}/{target}_proj: the LoRA delta has shape {delta_IxO.shape} but the kernel is {kernel.shape}: "
+                    f"{layer}/{lin.proj}: the LoRA delta has shape {delta_IxO.shape} but the kernel is {kernel.shape}: "
                     "the adapter was trained on a different base model"
                 )
             linear["kernel"] = (kernel.astype(jnp.float32) + delta_IxO).astype(kernel.dtype)

@@ -33,10 +33,11 @@ import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from moe_lora_jax import layout
 from moe_lora_jax.atomic import write_json_atomic
 from moe_lora_jax.errors import MoeLoraError
 
-ALL_MODULES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+ALL_MODULES: tuple[str, ...] = layout.ALL  # the adapted linears (moe_lora_jax.layout), in table order
 FORMAT = "moe_lora_jax.allocation/1"
 
 

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_lora_jax import layout
 from moe_lora_jax.allocation.allocation import ALL_MODULES
 from moe_lora_jax.errors import MoeLoraError
 
@@ -52,16 +53,6 @@ FIX_FINGER_RANGES = ("quirk", "corrected")
 DTYPES = ("float32", "float64")
 MIN_EIGS = 20  # fewer eigenvalues than this: no fit (WeightWatcher switches to a small-sample rule below 20)
 WW_EVALS_THRESH = 1e-5  # WeightWatcher drops eigenvalues <= 1e-5 before fitting (constants.EVALS_THRESH)
-
-_PROJ = {
-    "q": ("self_attn", "q_proj"),
-    "k": ("self_attn", "k_proj"),
-    "v": ("self_attn", "v_proj"),
-    "o": ("self_attn", "o_proj"),
-    "gate": ("mlp", "gate_proj"),
-    "up": ("mlp", "up_proj"),
-    "down": ("mlp", "down_proj"),
-}
 
 
 # ============================================================================ options
@@ -373,14 +364,13 @@ def _checked_tall(key: Hashable, w: Any) -> np.ndarray:
 def target_matrices(params: Mapping[str, Any], modules: Sequence[str] = ALL_MODULES) -> dict[tuple[int, str], np.ndarray]:
     """{(layer, module): kernel as a host array [in, out]} for the LLaMA params of `load_hf_llama`.
 
-    The only place that knows the parameter layout:
-    params["layers_{i}"]["self_attn"|"mlp"][f"{name}_proj"]["kernel"].
+    Kernels sit at params[*layout.param_path(module, i)]["kernel"] (moe_lora_jax.layout).
     """
     if isinstance(params, Mapping) and "params" in params and not any(k.startswith("layers_") for k in params):
         params = params["params"]  # a Flax variables dict
     if not isinstance(params, Mapping):
         raise MoeLoraError(f"params is a {type(params).__name__}: pass the params dict returned by load_hf_llama")
-    unknown = [m for m in modules if m not in _PROJ]
+    unknown = [m for m in modules if m not in layout.ALL]
     if unknown:
         raise MoeLoraError(f"unknown target modules {unknown}: choose from {', '.join(ALL_MODULES)}")
     layer_ids = sorted(int(m.group(1)) for k in params if (m := re.fullmatch(r"layers_(\d+)", str(k))))
@@ -391,7 +381,7 @@ def target_matrices(params: Mapping[str, Any], modules: Sequence[str] = ALL_MODU
     out: dict[tuple[int, str], np.ndarray] = {}
     for i in layer_ids:
         for m in modules:
-            block, proj = _PROJ[m]
+            _, block, proj = layout.param_path(m, i)
             try:
                 kernel = params[f"layers_{i}"][block][proj]["kernel"]
             except (KeyError, TypeError):

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from moe_lora_jax.config import LlamaConfig
 from moe_lora_jax.convert.names import IGNORED_SUFFIXES, TensorSpec, get_path, set_path, tensor_specs
+from moe_lora_jax.convert.orbax_io import is_orbax_model, load_orbax_config, load_orbax_llama
 from moe_lora_jax.convert.sources import read_config_json, resolve_hf_dir
 from moe_lora_jax.errors import MoeLoraError
 
@@ -137,7 +138,6 @@ def _read_checked(readers: _Readers, hf_dir: Path, file_of: dict[str, Path], spe
 
 def load_llama_config(path: str | os.PathLike) -> LlamaConfig:
     """Only the LlamaConfig of any supported source (no weights read): for checks before a slow load."""
-    from moe_lora_jax.convert.orbax_io import is_orbax_model, load_orbax_config
 
     if is_orbax_model(path):
         return load_orbax_config(path)
@@ -147,7 +147,6 @@ def load_llama_config(path: str | os.PathLike) -> LlamaConfig:
 
 def load_llama(path: str | os.PathLike, **kwargs: Any) -> tuple[LlamaConfig, dict[str, Any]]:
     """Load from any supported source: an orbax directory written by `moe-lora convert`, or what `load_hf_llama` takes."""
-    from moe_lora_jax.convert.orbax_io import is_orbax_model, load_orbax_llama
 
     if is_orbax_model(path):
         config, params = load_orbax_llama(path)

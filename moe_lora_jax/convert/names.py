@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from moe_lora_jax import layout
 from moe_lora_jax.config import LlamaConfig
 
 Path = tuple[str, ...]
@@ -27,23 +28,14 @@ class TensorSpec:
 
 def tensor_specs(config: LlamaConfig) -> list[TensorSpec]:
     """Every tensor of a LLaMA checkpoint with `config`, in file order."""
-    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    D, V = config.hidden_size, config.vocab_size
     specs = [TensorSpec("model.embed_tokens.weight", ("embed_tokens", "embedding"), (V, D), False)]
-    linears = {
-        "self_attn.q_proj": (config.q_width, D),
-        "self_attn.k_proj": (config.kv_width, D),
-        "self_attn.v_proj": (config.kv_width, D),
-        "self_attn.o_proj": (D, config.q_width),
-        "mlp.gate_proj": (F, D),
-        "mlp.up_proj": (F, D),
-        "mlp.down_proj": (D, F),
-    }
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}"
         specs.append(TensorSpec(f"{prefix}.input_layernorm.weight", (f"layers_{i}", "input_layernorm", "scale"), (D,), False))
-        for module, shape in linears.items():
-            path = (f"layers_{i}", *module.split("."), "kernel")
-            specs.append(TensorSpec(f"{prefix}.{module}.weight", path, shape, True))
+        for lin in layout.LINEARS:  # torch Linear.weight is [out, in]: our kernel [in, out] transposed
+            d_in, d_out = lin.dims(config)
+            specs.append(TensorSpec(lin.hf_name(i), (*lin.param_path(i), "kernel"), (d_out, d_in), True))
         specs.append(
             TensorSpec(f"{prefix}.post_attention_layernorm.weight", (f"layers_{i}", "post_attention_layernorm", "scale"), (D,), False)
         )

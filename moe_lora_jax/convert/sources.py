@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_lora_jax.config import LlamaConfig
+from moe_lora_jax.convert.save import write_hf_dir
 from moe_lora_jax.errors import MoeLoraError
 
 
@@ -69,8 +71,6 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
             f"reading {gguf_path.name} needs torch and gguf (transformers' GGUF reader): "
             "pip install 'moe-lora-jax[gguf]', or pass a safetensors model directory"
         ) from None
-    from moe_lora_jax.config import LlamaConfig
-    from moe_lora_jax.convert.save import write_hf_dir
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

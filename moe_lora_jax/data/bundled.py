@@ -26,6 +26,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
+from moe_lora_jax.atomic import atomic_dir
 from moe_lora_jax.errors import MoeLoraError
 
 TASKS = ("arithmetic", "sort", "reverse", "unit_conversion", "date", "word_count")
@@ -175,7 +176,6 @@ def write_bundled(out_dir: str | os.PathLike, seed: int = 0, size: int = DEFAULT
     Refuses a non-empty `out_dir` (nothing is overwritten); the directory appears
     only once all three files are complete.
     """
-    from moe_lora_jax.atomic import atomic_dir
 
     out = Path(out_dir)
     with atomic_dir(out) as tmp:

@@ -37,6 +37,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from moe_lora_jax.data.bundled import load_bundled
+from moe_lora_jax.data.records import Records, read_json_records
+from moe_lora_jax.data.templates import MissingFieldError, render_many
 from moe_lora_jax.errors import MoeLoraError
 
 log = logging.getLogger(__name__)
@@ -63,8 +66,6 @@ def load_records(
     source came from in error messages (default: data.<split>).
     """
     if source is None:
-        from moe_lora_jax.data.bundled import load_bundled
-
         return load_bundled(split, seed=bundled_seed, size=bundled_size)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -84,11 +85,9 @@ def load_records(
 
 def _load_file(path: Path, fmt: str) -> list[dict]:
     if fmt == "json":  # read as written, with line numbers (see moe_lora_jax.data.records)
-        from moe_lora_jax.data.records import read_json_records
 
         return read_json_records(path)
     import datasets
-    from moe_lora_jax.data.records import Records
 
     datasets.disable_progress_bars()
     try:
@@ -180,7 +179,6 @@ def tokenize_split(
     name: str = "data",
 ) -> TokenizedSplit:
     """Template and tokenize `records`; truncate or drop rows longer than `max_len` and count them."""
-    from moe_lora_jax.data.templates import MissingFieldError, render_many
 
     if truncation not in ("right", "drop"):
         raise MoeLoraError(f"unknown truncation {truncation!r}: use right or drop")

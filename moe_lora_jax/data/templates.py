@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from moe_lora_jax.data.records import row_label
 from moe_lora_jax.errors import MoeLoraError
 
 TEMPLATES = ("alpaca", "chat")
@@ -106,7 +107,6 @@ def response_text(example: Mapping[str, Any], template: str, tokenizer: Any) -> 
 def check_text_fields(examples: Sequence[Mapping[str, Any]]) -> None:
     """Every row has instruction and output, and instruction/input/output are strings; errors name the row
     (file and line for rows read from a file, see `moe_lora_jax.data.records.row_label`)."""
-    from moe_lora_jax.data.records import row_label
 
     for i, example in enumerate(examples):
         try:

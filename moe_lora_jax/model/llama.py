@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from moe_lora_jax import layout
 from moe_lora_jax.adapters import layers as adapter_layers
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.adapters.layers import AdapterContext
@@ -163,6 +164,12 @@ def grouped_query_attention(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKx
     return jnp.transpose(out_BxKxGLxH.reshape(B, K, G, L, H), (0, 3, 1, 2, 4)).reshape(B, L, N, H)
 
 
+def _from_table(target: str, config: LlamaConfig) -> dict[str, Any]:
+    """TargetLinear's out features, target, kernel axes and module name, from the table of linears."""
+    lin = layout.linear(target)
+    return dict(features=lin.dims(config)[1], target=lin.name, kernel_axes=lin.axes, name=lin.proj)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
     layer: int
@@ -181,9 +188,9 @@ class Attention(nn.Module):
         B, L, _ = x_BxLxD.shape
         N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         kw = lambda t: _linear_kwargs(cfg, ac, self.layer, t)  # noqa: E731
-        q = TargetLinear(N * H, "q", ("embed", "heads"), name="q_proj", **kw("q"))(x_BxLxD, ctx).reshape(B, L, N, H)
-        k = TargetLinear(K * H, "k", ("embed", "kv"), name="k_proj", **kw("k"))(x_BxLxD, ctx).reshape(B, L, K, H)
-        v = TargetLinear(K * H, "v", ("embed", "kv"), name="v_proj", **kw("v"))(x_BxLxD, ctx).reshape(B, L, K, H)
+        q = TargetLinear(**_from_table("q", cfg), **kw("q"))(x_BxLxD, ctx).reshape(B, L, N, H)
+        k = TargetLinear(**_from_table("k", cfg), **kw("k"))(x_BxLxD, ctx).reshape(B, L, K, H)
+        v = TargetLinear(**_from_table("v", cfg), **kw("v"))(x_BxLxD, ctx).reshape(B, L, K, H)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         new_kv = None
         if kv is not None:  # write this chunk into the cache at `index`, attend over all slots
@@ -192,7 +199,7 @@ class Attention(nn.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             k, v, new_kv = k_cache, v_cache, (k_cache, v_cache)
         out_BxLxNxH = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_Bx1xLxS)
-        out = TargetLinear(cfg.hidden_size, "o", ("heads", "embed"), name="o_proj", **kw("o"))
+        out = TargetLinear(**_from_table("o", cfg), **kw("o"))
         return out(out_BxLxNxH.reshape(B, L, N * H), ctx), new_kv
 
 
@@ -211,13 +218,13 @@ class MLP(nn.Module):
             ctx = AdapterContext() if ctx is None else ctx
             return adapter_layers.mixlora_ffn(self, x_BxLxD, cfg, ac, ctx, cfg.dtype, cfg.param_dtype)
         kw = lambda t: _linear_kwargs(cfg, ac, self.layer, t)  # noqa: E731
-        gate = TargetLinear(cfg.intermediate_size, "gate", ("embed", "mlp"), name="gate_proj", **kw("gate"))(x_BxLxD, ctx)
-        up = TargetLinear(cfg.intermediate_size, "up", ("embed", "mlp"), name="up_proj", **kw("up"))(x_BxLxD, ctx)
+        gate = TargetLinear(**_from_table("gate", cfg), **kw("gate"))(x_BxLxD, ctx)
+        up = TargetLinear(**_from_table("up", cfg), **kw("up"))(x_BxLxD, ctx)
         act = nn.silu(gate) * up
         if ac is not None and ac.method == "mov" and "ffn" in ac.targets:
             E = ac.expert_counts("ffn", cfg.num_hidden_layers)[self.layer]
             act = IA3Mixture(ac, E, "mlp", name="ffn_ia3")(act, AdapterContext() if ctx is None else ctx)
-        return TargetLinear(cfg.hidden_size, "down", ("mlp", "embed"), name="down_proj", **kw("down"))(act, ctx)
+        return TargetLinear(**_from_table("down", cfg), **kw("down"))(act, ctx)
 
 
 class IA3Mixture(nn.Module):

@@ -84,7 +84,7 @@ def scan_plan(num_layers: int, ac: AdapterConfig | None) -> ScanPlan | None:
         return ScanPlan(ac)
     if ac.method in ("lora", "mixlora") or ac.allocation is None:
         return ScanPlan(ac)
-    targets = [t for t in ac.targets if t in ("q", "k", "v", "o", "gate", "up", "down", "ffn")]
+    targets = list(ac.targets)  # AdapterConfig admits only the table's linears (moe_lora_jax.layout) and MoV's "ffn"
     counts = {t: ac.expert_counts(t, num_layers) for t in targets}
     if ac.method not in _EXPERT_BANK:
         if all(len(set(c)) == 1 for c in counts.values()):

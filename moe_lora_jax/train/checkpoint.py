@@ -27,7 +27,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from moe_lora_jax.adapters.config import NON_IDENTITY_FIELDS, OBJECTIVE_FIELDS, AdapterConfig
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.objective import legacy_objective, resolve_objective
+from moe_lora_jax.train.optim import path_str
 from moe_lora_jax.train.state import TrainState
 
 # Keys of the run identity that must match between a checkpoint and the run resuming from it.
@@ -55,7 +58,6 @@ def all_finite(tree: Any) -> bool:
 
 def first_nonfinite(tree: Any) -> str | None:
     """Path ('adapter/layers_0/.../lora_A') of the first leaf holding NaN/Inf, or None."""
-    from moe_lora_jax.train.optim import path_str
 
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
         x = np.asarray(x)
@@ -210,7 +212,6 @@ def _identity_value(key: str, value: Any) -> Any:
     router jitter and sow_expert_outputs may change on resume (`resume_changes` names them)."""
     if key != "adapter_config" or not isinstance(value, Mapping):
         return value
-    from moe_lora_jax.adapters.config import NON_IDENTITY_FIELDS, OBJECTIVE_FIELDS, AdapterConfig
 
     try:
         return AdapterConfig.from_dict(value).identity_dict()
@@ -221,7 +222,6 @@ def _identity_value(key: str, value: Any) -> Any:
 def _run_objective(meta: Mapping[str, Any]) -> dict[str, Any] | None:
     """The resolved objective a checkpoint was trained with: its `objective` entry, or for a checkpoint
     written before the objective section, the weights its adapter_config carried."""
-    from moe_lora_jax.objective import legacy_objective, resolve_objective
 
     if meta.get("objective") is not None:
         return dict(meta["objective"])
@@ -237,7 +237,6 @@ def _run_objective(meta: Mapping[str, Any]) -> dict[str, Any] | None:
 def resume_changes(old_meta: Mapping[str, Any], new_meta: Mapping[str, Any]) -> list[str]:
     """"objective.z_loss_coef 0 -> 0.001" for every loss weight, and "adapter.dropout 0 -> 0.1" for every
     regulariser (dropout, router_jitter), that differs between a checkpoint and the run resuming from it."""
-    from moe_lora_jax.adapters.config import NON_IDENTITY_FIELDS
 
     out: list[str] = []
     old_obj, new_obj = _run_objective(old_meta), _run_objective(new_meta)

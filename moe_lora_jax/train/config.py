@@ -21,6 +21,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from moe_lora_jax.atomic import atomic_write_text
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.objective.weights import Objective
 
@@ -399,7 +400,6 @@ def save_resolved(config: TrainConfig, out_dir: str | Path) -> Path:
     with different content (a resumed run with changed settings) the new one is
     written as config-1.yaml, config-2.yaml, ...
     """
-    from moe_lora_jax.atomic import atomic_write_text
 
     out = Path(out_dir)
     text = dump_config(config)

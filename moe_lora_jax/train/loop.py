@@ -1,6 +1,7 @@
 """The train loop, top to bottom: set-up, resume, steps, evaluation, checkpoints, outputs.
 
-    from moe_lora_jax.train import load_config, train
+    from moe_lora_jax.train.config import load_config
+    from moe_lora_jax.train.loop import train
     result = train(load_config("experiments/configs/quickstart.yaml"))
 
 Reads a `TrainConfig`; writes under `output_dir`:
@@ -34,9 +35,27 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from moe_lora_jax.adapters import AdapterConfig
+from moe_lora_jax.adapters.io import init_adapter, save_adapter
+from moe_lora_jax.adapters.presets import apply_preset, preset_objective
 from moe_lora_jax.allocation.recipes import resolve_allocation
+from moe_lora_jax.atomic import atomic_write_text, run_lock
+from moe_lora_jax.convert import load_llama, load_llama_config
+from moe_lora_jax.data import eval_batches, make_train_data, task_type_table
+from moe_lora_jax.embedded import resolve_model_path
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.model import LlamaForCausalLM
+from moe_lora_jax.objective import OBJECTIVE_FIELDS, resolve_objective
+from moe_lora_jax.parallel.mesh import data_parallel_size, make_mesh
+from moe_lora_jax.parallel.multihost import is_main_process
+from moe_lora_jax.parallel.rules import param_shardings, put_global, shard_batch
+from moe_lora_jax.tokenizer import load_tokenizer
+from moe_lora_jax.train.checkpoint import CheckpointStore, base_fingerprint, resume_changes
 from moe_lora_jax.train.config import TrainConfig, config_to_dict, save_resolved
+from moe_lora_jax.train.metrics import MetricsWriter, Progress, plot_losses
+from moe_lora_jax.train.optim import make_optimizer, make_schedule
+from moe_lora_jax.train.state import TrainState, state_shardings
+from moe_lora_jax.train.step import CompiledSteps, describe_nonfinite, make_eval_step, make_train_step
 
 
 
@@ -73,9 +92,6 @@ class Run:
 
 # ----------------------------------------------------------------------------- set-up
 def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, *, progress: bool = False, validate: bool = True) -> Any:
-    from moe_lora_jax.adapters import AdapterConfig
-    from moe_lora_jax.adapters.presets import apply_preset
-
     _refuse_adapter_weights(raw)
     raw = apply_preset(raw, model_config.num_hidden_layers)  # `preset: NAME` -> its values; explicit keys win
     if raw.get("allocation") is not None:
@@ -93,7 +109,6 @@ def adapter_config_from(raw: Mapping[str, Any], params: Any, model_config: Any, 
 
 def _refuse_adapter_weights(raw: Mapping[str, Any]) -> None:
     """Loss weights moved from the adapter section to the objective section: name the new key."""
-    from moe_lora_jax.objective import OBJECTIVE_FIELDS
 
     for key in raw:
         if key in OBJECTIVE_FIELDS:
@@ -106,8 +121,6 @@ def _refuse_adapter_weights(raw: Mapping[str, Any]) -> None:
 def run_objective(config: TrainConfig, method: str) -> Any:
     """The run's resolved Objective: the objective section, else the adapter preset's weights, else the
     method's defaults. A weight the method does not use is a one-line error naming objective.KEY."""
-    from moe_lora_jax.adapters.presets import preset_objective
-    from moe_lora_jax.objective import resolve_objective
 
     return resolve_objective(config.objective, method, preset_objective(config.adapter))
 
@@ -116,9 +129,6 @@ def loramoe_task_types(config: TrainConfig, task_names: tuple[str, ...], adapter
     """LoRAMoE's type of every task id (1 = world knowledge) from `data.world_knowledge_tasks`;
     None where no type is needed. Named tasks must exist; LoRAMoE with its constraint on must name them.
     `adapter_config`: the run's AdapterConfig (presets applied); None reads the method from config.adapter."""
-    from moe_lora_jax.adapters import AdapterConfig
-    from moe_lora_jax.adapters.presets import apply_preset
-    from moe_lora_jax.data import task_type_table
 
     wk = config.data.world_knowledge_tasks
     table = None if wk is None else task_type_table(task_names, wk)
@@ -146,8 +156,6 @@ def check_config(config: TrainConfig, model_path: Any = None) -> Any:
     the returned config then has no allocation. The other sections were checked when the
     TrainConfig was built. Cheap: call it before tokenizing data, loading weights or writing.
     """
-    from moe_lora_jax.convert import load_llama_config
-    from moe_lora_jax.embedded import resolve_model_path
 
     path = resolve_model_path(config.model.path) if model_path is None else model_path
     model_config = load_llama_config(path)
@@ -163,15 +171,6 @@ def check_config(config: TrainConfig, model_path: Any = None) -> Any:
 
 
 def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
-    from moe_lora_jax.convert import load_llama, load_llama_config
-    from moe_lora_jax.data import make_train_data
-    from moe_lora_jax.embedded import resolve_model_path
-    from moe_lora_jax.model import LlamaForCausalLM
-    from moe_lora_jax.parallel.mesh import data_parallel_size, make_mesh
-    from moe_lora_jax.parallel.rules import param_shardings, put_global
-    from moe_lora_jax.tokenizer import load_tokenizer
-    from moe_lora_jax.train.optim import make_optimizer, make_schedule
-
     mesh = make_mesh(config.mesh)
     path = resolve_model_path(config.model.path)
     early_ac = check_config(config, path)  # the whole config, adapter included, before data and weights
@@ -250,8 +249,6 @@ def _drop_replayed_metrics(path: Path, start: int) -> int:
     """
     import json
 
-    from moe_lora_jax.atomic import atomic_write_text
-
     if not path.is_file():
         return 0
     kept, dropped = [], 0
@@ -297,9 +294,6 @@ def train(
     Holds the run directory's lock throughout; a second run in the same directory is refused."""
     import contextlib
 
-    from moe_lora_jax.atomic import run_lock
-    from moe_lora_jax.parallel.multihost import is_main_process
-
     check_output_dir(config)  # a file or a foreign directory: refused before anything is read or made
     if run is None:
         check_config(config)  # a bad setting fails before anything is written, the lock file included
@@ -316,16 +310,6 @@ def _train(
     run: Run | None = None,
     batch_hook: Callable[[int, dict], dict] | None = None,
 ) -> RunResult:
-    from moe_lora_jax.adapters.io import save_adapter
-    from moe_lora_jax.data import eval_batches
-    from moe_lora_jax.parallel.multihost import is_main_process
-    from moe_lora_jax.parallel.rules import put_global, shard_batch
-    from moe_lora_jax.train.checkpoint import CheckpointStore, base_fingerprint, resume_changes
-    from moe_lora_jax.train.metrics import MetricsWriter, Progress, plot_losses
-    from moe_lora_jax.adapters.io import init_adapter
-    from moe_lora_jax.train.state import TrainState, state_shardings
-    from moe_lora_jax.train.step import CompiledSteps, describe_nonfinite, make_eval_step, make_train_step
-
     out_dir = Path(config.output_dir)
     main = is_main_process()
     if main:

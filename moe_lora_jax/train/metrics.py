@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_lora_jax.atomic import atomic_file
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -280,7 +282,6 @@ def plot_losses(
     if plotted:
         ax.legend()
     ax.grid(alpha=0.3)
-    from moe_lora_jax.atomic import atomic_file
 
     out = Path(out_png)
     with atomic_file(out, overwrite=True, suffix=".png") as tmp:  # a run's own plot: replaced in one step

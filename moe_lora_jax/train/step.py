@@ -43,10 +43,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_lora_jax.losses import router_stats, total_loss
+from moe_lora_jax.losses import RouterStat, _layer_top_k, _stat_k, router_stats, total_loss
 from moe_lora_jax.parallel.mesh import BATCH_AXES
 from moe_lora_jax.parallel.rules import batch_sharding
 from moe_lora_jax.train.metrics import routing_stats
+from moe_lora_jax.train.optim import path_str
 from moe_lora_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -75,8 +76,14 @@ def prompt_mask(batch: Batch) -> jax.Array | None:
     return not_response if attn is None else not_response & (jnp.asarray(attn) != 0)
 
 
-def routing_metrics(intermediates: Mapping[str, Any] | None, attention_mask: jax.Array | None, top_k: int) -> dict[str, jax.Array]:
-    """Per-layer routing entropy and expert utilisation, averaged over the layer's routers."""
+def routing_metrics(
+    intermediates: Mapping[str, Any] | None, attention_mask: jax.Array | None, top_k: int | Callable[[RouterStat, int], int]
+) -> dict[str, jax.Array]:
+    """Per-layer routing entropy and expert utilisation, averaged over the layer's routers.
+
+    The load counts each router's own top-k selections: `top_k` is one int for every router (capped by its
+    expert count) or a function (stat, num_experts) -> k, as the Switch terms take it (`losses._layer_top_k`:
+    a MoLA / AlphaLoRA Allocation's per-layer top-k)."""
     if not intermediates:
         return {}
     stats = router_stats(intermediates, "router") + router_stats(intermediates, "milora")
@@ -85,7 +92,7 @@ def routing_metrics(intermediates: Mapping[str, Any] | None, attention_mask: jax
         probs = jax.nn.softmax(s.logits.astype(jnp.float32), axis=-1)
         mask = attention_mask if (attention_mask is not None and probs.shape[:2] == attention_mask.shape) else None
         E = probs.shape[-1]
-        per_layer.setdefault(s.layer, []).append(routing_stats(probs, mask, min(top_k, E), prefix="r"))
+        per_layer.setdefault(s.layer, []).append(routing_stats(probs, mask, _stat_k(top_k, s, E), prefix="r"))
     out: dict[str, jax.Array] = {}
     means: dict[str, list[jax.Array]] = {}
     for layer, rows in sorted(per_layer.items()):
@@ -153,7 +160,8 @@ def make_train_step(
         loss, metrics = loss_fn(logits, micro, inter, adapter_config)
         n = metrics["tokens"]
         objective = metrics["ce"] * n / jnp.maximum(n_total, 1.0) + (loss - metrics["ce"]) / grad_accum
-        extra = routing_metrics(inter, micro.get("attention_mask"), top_k) if log_routing else {}
+        routed_k = _layer_top_k(adapter_config) if top_k > 1 else top_k  # each router's own k, as the losses count it
+        extra = routing_metrics(inter, micro.get("attention_mask"), routed_k) if log_routing else {}
         return objective, (dict(metrics), extra)
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
@@ -241,7 +249,6 @@ def describe_nonfinite(flags: Any, first_leaf: Any, adapter: Any, opt_state: Any
 
     `adapter` and `opt_state` give the leaf names (their structure, e.g. the state's own trees).
     """
-    from moe_lora_jax.train.optim import path_str
 
     flags, first_leaf = np.asarray(flags).tolist(), np.asarray(first_leaf).tolist()
     trees = (None, adapter, adapter, opt_state)  # gradients are shaped like the adapter
