@@ -49,8 +49,18 @@ def base_fingerprint(params: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _local_parts(x: Any) -> list[np.ndarray]:
+    """This process's data of `x`: its addressable shards (a sharded multi-host array), else the whole value."""
+    shards = getattr(x, "addressable_shards", None)
+    if shards is None:
+        return [np.asarray(x)]
+    distinct = {str(s.index): s for s in shards}  # a replicated leaf: one copy, not one per device
+    return [np.asarray(s.data) for s in distinct.values()]
+
+
 def all_finite(tree: Any) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype, np.inexact))
+    """Whether every float leaf is finite, on this process's shards (each process checks what it holds)."""
+    return first_nonfinite(tree) is None
 
 
 def first_nonfinite(tree: Any) -> str | None:
@@ -58,8 +68,7 @@ def first_nonfinite(tree: Any) -> str | None:
     from moe_lora_jax.train.optim import path_str
 
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        x = np.asarray(x)
-        if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+        if np.issubdtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype, np.inexact) and not all(np.isfinite(part).all() for part in _local_parts(x)):
             return path_str(path)
     return None
 
