@@ -23,6 +23,7 @@ from moe_lora_jax.errors import MoeLoraError
 
 CONFIG_NAME = "llama_config.json"
 CHUNK_BYTES = 16 * 2**20
+RESTORE_CONCURRENT_GB = 1  # GB a restore may have in flight (orbax default 96): host memory above the shards stays small
 
 
 def is_orbax_model(path: str | os.PathLike) -> bool:
@@ -68,7 +69,8 @@ def load_orbax_llama(
     if param_dtype:
         config = config.replace(param_dtype=param_dtype)
     try:
-        with ocp.PyTreeCheckpointer() as checkpointer, warnings.catch_warnings():
+        handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=RESTORE_CONCURRENT_GB)
+        with ocp.Checkpointer(handler) as checkpointer, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             stored = checkpointer.metadata(path / "params").item_metadata.tree
             if shardings is None:

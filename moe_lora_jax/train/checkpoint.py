@@ -18,6 +18,7 @@ values), never copied. Resuming checks that the base model and the adapter
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -44,9 +45,23 @@ def base_fingerprint(params: Any) -> str:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         h.update(jax.tree_util.keystr(path).encode())
         h.update(str((tuple(leaf.shape), str(leaf.dtype))).encode())
-        sample = np.asarray(jax.device_get(leaf.reshape(-1)[:64]), np.float64)
+        sample = np.asarray(_first_values(leaf, 64), np.float64)
         h.update(np.round(sample, 6).tobytes())
     return h.hexdigest()[:16]
+
+
+def _first_values(leaf: Any, n: int) -> np.ndarray:
+    """The first `n` values of `leaf` (flattened) on this host, also when they sit on another host's devices."""
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and not leaf.is_fully_addressable:
+        return np.asarray(_replicated_head(sharding.mesh, n)(leaf))
+    return np.asarray(jax.device_get(leaf.reshape(-1)[:n]))
+
+
+@functools.lru_cache(maxsize=None)
+def _replicated_head(mesh: Any, n: int) -> Any:
+    """A jitted "first n values", replicated on every device of `mesh` (so every process can read them)."""
+    return jax.jit(lambda x: x.reshape(-1)[:n], out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def _local_parts(x: Any) -> list[np.ndarray]:

@@ -135,7 +135,7 @@ from moe_lora_jax.convert import load, load_llama, load_llama_config
 from moe_lora_jax.convert.names import tensor_specs
 from moe_lora_jax.model import LlamaForCausalLM
 from moe_lora_jax.parallel import make_mesh, param_shardings
-from moe_lora_jax.train.checkpoint import CheckpointStore
+from moe_lora_jax.train.checkpoint import CheckpointStore, base_fingerprint
 from moe_lora_jax.train.state import TrainState
 
 hf_dir, orbax_dir, ckpt_dir = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -183,6 +183,7 @@ print("RESULT " + json.dumps({
     "pid": jax.process_index(), "devices": jax.device_count(), "local_devices": jax.local_device_count(),
     "hf_ok": bool(hf_ok), "orbax_ok": bool(orbax_ok),
     "reads_are_local": set(reads) == local_names and len(reads) == len(set(reads)), "reads": len(reads),
+    "fingerprint": base_fingerprint(params),
     "fully_addressable": any(x.is_fully_addressable for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated),
     "ckpt_ok": w.sharding == w_sh and not w.is_fully_addressable and int(back.step) == 3 and data_state == {"position": 1}
                and all(np.array_equal(np.asarray(s.data), W[s.index]) for s in w.addressable_shards)
@@ -196,6 +197,7 @@ def test_two_processes_each_read_only_their_own_shards(tmp_path):
     import jax
 
     from moe_lora_jax.convert import load_hf_llama, save_orbax_llama
+    from moe_lora_jax.train.checkpoint import base_fingerprint
 
     bench = bench_module()
     bench.write_random_llama(tmp_path / "hf", TINY_SIZES)
@@ -211,5 +213,6 @@ def test_two_processes_each_read_only_their_own_shards(tmp_path):
     for r in results:
         assert r["hf_ok"] and r["orbax_ok"] and r["reads_are_local"] and r["ckpt_ok"], r
         assert not r["fully_addressable"], r  # the split tensors really span both processes
+        assert r["fingerprint"] == base_fingerprint(params)  # the run identity reads values held by the other process
     total_slices = results[0]["reads"] + results[1]["reads"]
     assert results[0]["reads"] < total_slices and results[1]["reads"] < total_slices
