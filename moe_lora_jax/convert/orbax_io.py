@@ -23,7 +23,6 @@ from moe_lora_jax.errors import MoeLoraError
 
 CONFIG_NAME = "llama_config.json"
 CHUNK_BYTES = 16 * 2**20
-RESTORE_CONCURRENT_GB = 1  # GB a restore may have in flight (orbax default 96): host memory above the shards stays small
 
 
 def is_orbax_model(path: str | os.PathLike) -> bool:
@@ -69,8 +68,7 @@ def load_orbax_llama(
     if param_dtype:
         config = config.replace(param_dtype=param_dtype)
     try:
-        handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=RESTORE_CONCURRENT_GB)
-        with ocp.Checkpointer(handler) as checkpointer, warnings.catch_warnings():
+        with ocp.PyTreeCheckpointer() as checkpointer, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             stored = checkpointer.metadata(path / "params").item_metadata.tree
             if shardings is None:
@@ -81,9 +79,11 @@ def load_orbax_llama(
             target = jax.tree.map(
                 lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), jax.numpy.dtype(config.param_dtype), sharding=s), stored, shardings
             )
-            params = checkpointer.restore(
-                path / "params", args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-            )
+            params = {}
+            for key, part in target.items():  # a top-level entry (a layer) at a time: orbax's host buffers stay small
+                restore_args = ocp.checkpoint_utils.construct_restore_args({key: part})
+                args = ocp.args.PyTreeRestore(item={key: part}, restore_args=restore_args, partial_restore=True)
+                params.update(checkpointer.restore(path / "params", args=args))
     except MoeLoraError:
         raise
     except Exception as e:

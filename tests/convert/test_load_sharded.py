@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import textwrap
 
 import numpy as np
@@ -216,3 +217,25 @@ def test_two_processes_each_read_only_their_own_shards(tmp_path):
         assert r["fingerprint"] == base_fingerprint(params)  # the run identity reads values held by the other process
     total_slices = results[0]["reads"] + results[1]["reads"]
     assert results[0]["reads"] < total_slices and results[1]["reads"] < total_slices
+
+
+def test_orbax_restore_refuses_shardings_of_another_tree(tmp_path):
+    import jax
+
+    from moe_lora_jax import MoeLoraError
+    from moe_lora_jax.convert import load_hf_llama, load_llama, save_orbax_llama
+
+    bench_module().write_random_llama(tmp_path / "hf", TINY_SIZES)
+    config, params = load_hf_llama(tmp_path / "hf")
+    save_orbax_llama(config, params, tmp_path / "orbax")
+    sh = jax.tree.map(lambda x: x.sharding, params)
+    _, back = load_llama(tmp_path / "orbax", shardings=sh, param_dtype="bfloat16")
+    assert all(x.dtype == jax.numpy.bfloat16 and x.sharding == s for x, s in zip(jax.tree.leaves(back), jax.tree.leaves(sh)))
+    del sh["layers_1"]
+    with pytest.raises(MoeLoraError, match="holds another parameter tree than the shardings describe"):
+        load_llama(tmp_path / "orbax", shardings=sh)
+    for entry in (tmp_path / "orbax" / "params").iterdir():  # a damaged copy: its arrays are gone
+        if entry.is_dir():
+            shutil.rmtree(entry)
+    with pytest.raises(MoeLoraError, match="is not a readable orbax checkpoint"):
+        load_llama(tmp_path / "orbax")
