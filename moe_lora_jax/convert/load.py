@@ -32,10 +32,13 @@ def load_hf_llama(
     """Load a LLaMA checkpoint as (LlamaConfig, params).
 
     `path` is a local Hugging Face directory, a `.gguf` file or a hub id.
-    Tensors are read one at a time, checked (present, shape, finite), transposed
-    into Flax layout, cast to `param_dtype` (default float32) and placed on
-    device, with `shardings` (a tree of `jax.sharding.Sharding` shaped like the
-    params) when given, so the host never holds a second copy of the model.
+    Tensors are read one at a time, checked (present, dtype, shape, finite),
+    transposed into Flax layout and cast to `param_dtype` (default float32).
+    With `shardings` (a tree of `jax.sharding.Sharding` shaped like the params,
+    e.g. NamedShardings over a multi-host mesh) each process reads from the file
+    only the slices its own devices hold and places them as it reads, so no
+    process ever holds more than one full tensor plus its own shards (see
+    docs/loading.md). Without, each tensor goes whole onto the default device.
     """
     hf_dir = resolve_hf_dir(path)
     overrides = {k: v for k, v in (("param_dtype", param_dtype or "float32"), ("dtype", dtype)) if v is not None}
@@ -44,14 +47,60 @@ def load_hf_llama(
     file_of = _weight_files(hf_dir)
     _check_tensor_names(file_of, {s.hf_name for s in specs}, hf_dir)
     params: dict[str, Any] = {}
-    with _Readers() as readers:
-        for spec in tqdm(specs, desc=f"loading {hf_dir.name}", disable=not progress, unit="tensor"):
-            array = _read_checked(readers, hf_dir, file_of, spec)
-            array = np.ascontiguousarray(array.T) if spec.transpose else array
-            array = array.astype(jnp.dtype(config.param_dtype), copy=False)
-            sharding = get_path(shardings, spec.path) if shardings is not None else None
-            set_path(params, spec.path, jax.device_put(array, sharding))
+    for spec in tqdm(specs, desc=f"loading {hf_dir.name}", disable=not progress, unit="tensor"):
+        sharding = get_path(shardings, spec.path) if shardings is not None else None
+        set_path(params, spec.path, read_tensor(hf_dir, file_of, spec, jnp.dtype(config.param_dtype), sharding))
     return config, params
+
+
+def read_tensor(hf_dir: Path, file_of: dict[str, Path], spec: TensorSpec, dtype: Any, sharding: Any = None) -> jax.Array:
+    """One checkpoint tensor as a jax.Array in our layout and `dtype`, placed by `sharding` (None: whole, default device).
+
+    Each addressable shard is read as a slice of the stored tensor (rows and columns
+    swapped for kernels, which torch stores [out, in]); a slice several devices share is
+    read once. The file is opened for this tensor only: its memory map (whose pages count
+    in the process's resident memory) ends with the tensor.
+    """
+    path = file_of[spec.hf_name]
+    with _open_safetensors(path) as handle:
+        try:
+            view = handle.get_slice(spec.hf_name)
+            stored, shape = view.get_dtype(), tuple(view.get_shape())
+        except SafetensorError as e:
+            raise MoeLoraError(f"{path.name}: cannot read tensor {spec.hf_name} ({e}); the file is corrupt, re-download it") from None
+        if not stored.startswith(("F", "BF")):  # an integer or bool tensor would be cast to float silently
+            raise MoeLoraError(
+                f"tensor {spec.hf_name} in {path.name} is stored as {stored}, not floating point (F32, F16, BF16): "
+                "the checkpoint is corrupt or quantized; re-export it with float weights"
+            )
+        if shape != spec.hf_shape:
+            raise MoeLoraError(
+                f"tensor {spec.hf_name} in {path.name} has shape {shape}, expected {spec.hf_shape} "
+                f"from {hf_dir.name}/config.json: the weights and the config do not belong together"
+            )
+        read: dict[tuple, np.ndarray] = {}  # per shard index: replicated slices are read once
+
+        def block(index: tuple[slice, ...]) -> np.ndarray:
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if key not in read:
+                read[key] = _read_block(view, spec, index, dtype, path)
+            return read[key]
+
+        if sharding is None:
+            return jax.device_put(block((slice(None),) * len(spec.shape)))
+        return jax.make_array_from_callback(spec.shape, sharding, block, dtype=dtype)
+
+
+def _read_block(view: Any, spec: TensorSpec, index: tuple[slice, ...], dtype: Any, path: Path) -> np.ndarray:
+    """The part `index` (our layout) of a stored tensor, checked finite and cast to `dtype`."""
+    try:
+        array = view[tuple(reversed(index))] if spec.transpose else view[index]
+    except SafetensorError as e:
+        raise MoeLoraError(f"{path.name}: cannot read tensor {spec.hf_name} ({e}); the file is corrupt, re-download it") from None
+    if not np.isfinite(array.astype(np.float32, copy=False)).all():
+        raise MoeLoraError(f"tensor {spec.hf_name} in {path.name} holds NaN or Inf values: the checkpoint is corrupt; re-download it")
+    array = array.T if spec.transpose else array
+    return np.ascontiguousarray(array.astype(dtype, copy=False))
 
 
 def _weight_files(hf_dir: Path) -> dict[str, Path]:
@@ -96,46 +145,6 @@ def _open_safetensors(path: Path, framework: str = "numpy"):
         raise MoeLoraError(f"{path} is unreadable ({e}): the file is truncated or corrupt; re-download it") from None
 
 
-class _Readers(contextlib.ExitStack):
-    """Open each safetensors file once (numpy; bfloat16 tensors go through a flax handle)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._open: dict[tuple[Path, str], Any] = {}
-
-    def get(self, path: Path, framework: str = "numpy") -> Any:
-        key = (path, framework)
-        if key not in self._open:
-            self._open[key] = self.enter_context(_open_safetensors(path, framework))
-        return self._open[key]
-
-
-def _read_checked(readers: _Readers, hf_dir: Path, file_of: dict[str, Path], spec: TensorSpec) -> np.ndarray:
-    path = file_of[spec.hf_name]
-    handle = readers.get(path)
-    try:
-        stored = handle.get_slice(spec.hf_name).get_dtype()
-        if not stored.startswith(("F", "BF")):  # an integer or bool tensor would be cast to float silently
-            raise MoeLoraError(
-                f"tensor {spec.hf_name} in {path.name} is stored as {stored}, not floating point (F32, F16, BF16): "
-                "the checkpoint is corrupt or quantized; re-export it with float weights"
-            )
-        if stored == "BF16":
-            array = np.asarray(readers.get(path, "flax").get_tensor(spec.hf_name))
-        else:
-            array = handle.get_tensor(spec.hf_name)
-    except SafetensorError as e:
-        raise MoeLoraError(f"{path.name}: cannot read tensor {spec.hf_name} ({e}); the file is corrupt, re-download it") from None
-    if tuple(array.shape) != spec.hf_shape:
-        raise MoeLoraError(
-            f"tensor {spec.hf_name} in {path.name} has shape {tuple(array.shape)}, expected {spec.hf_shape} "
-            f"from {hf_dir.name}/config.json: the weights and the config do not belong together"
-        )
-    if not np.isfinite(array.astype(np.float32, copy=False)).all():
-        raise MoeLoraError(f"tensor {spec.hf_name} in {path.name} holds NaN or Inf values: the checkpoint is corrupt; re-download it")
-    return array
-
-
 def load_llama_config(path: str | os.PathLike) -> LlamaConfig:
     """Only the LlamaConfig of any supported source (no weights read): for checks before a slow load."""
 
@@ -145,13 +154,16 @@ def load_llama_config(path: str | os.PathLike) -> LlamaConfig:
     return LlamaConfig.from_hf(read_config_json(hf_dir), source=str(hf_dir / "config.json"))
 
 
-def load_llama(path: str | os.PathLike, **kwargs: Any) -> tuple[LlamaConfig, dict[str, Any]]:
-    """Load from any supported source: an orbax directory written by `moe-lora convert`, or what `load_hf_llama` takes."""
+def load_llama(path: str | os.PathLike, *, shardings: Any = None, **kwargs: Any) -> tuple[LlamaConfig, dict[str, Any]]:
+    """Load from any supported source: an orbax directory written by `moe-lora convert`, or what `load_hf_llama` takes.
+
+    `shardings` (a tree of shardings shaped like the params) places every tensor as it is read:
+    each process reads only its own shards (docs/loading.md).
+    """
 
     if is_orbax_model(path):
-        config, params = load_orbax_llama(path)
-        if kwargs.get("param_dtype") or kwargs.get("dtype"):
-            config = config.replace(**{k: v for k, v in kwargs.items() if k in ("param_dtype", "dtype") and v})
-            params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)
+        config, params = load_orbax_llama(path, shardings=shardings, param_dtype=kwargs.get("param_dtype"))
+        if kwargs.get("dtype"):
+            config = config.replace(dtype=kwargs["dtype"])
         return config, params
-    return load_hf_llama(path, **kwargs)
+    return load_hf_llama(path, shardings=shardings, **kwargs)

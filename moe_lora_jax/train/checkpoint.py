@@ -18,6 +18,7 @@ values), never copied. Resuming checks that the base model and the adapter
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -47,21 +48,44 @@ def base_fingerprint(params: Any) -> str:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         h.update(jax.tree_util.keystr(path).encode())
         h.update(str((tuple(leaf.shape), str(leaf.dtype))).encode())
-        sample = np.asarray(jax.device_get(leaf.reshape(-1)[:64]), np.float64)
+        sample = np.asarray(_first_values(leaf, 64), np.float64)
         h.update(np.round(sample, 6).tobytes())
     return h.hexdigest()[:16]
 
 
+def _first_values(leaf: Any, n: int) -> np.ndarray:
+    """The first `n` values of `leaf` (flattened) on this host, also when they sit on another host's devices."""
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and not leaf.is_fully_addressable:
+        return np.asarray(_replicated_head(sharding.mesh, n)(leaf))
+    return np.asarray(jax.device_get(leaf.reshape(-1)[:n]))
+
+
+@functools.lru_cache(maxsize=None)
+def _replicated_head(mesh: Any, n: int) -> Any:
+    """A jitted "first n values", replicated on every device of `mesh` (so every process can read them)."""
+    return jax.jit(lambda x: x.reshape(-1)[:n], out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _local_parts(x: Any) -> list[np.ndarray]:
+    """This process's data of `x`: its addressable shards (a sharded multi-host array), else the whole value."""
+    shards = getattr(x, "addressable_shards", None)
+    if shards is None:
+        return [np.asarray(x)]
+    distinct = {str(s.index): s for s in shards}  # a replicated leaf: one copy, not one per device
+    return [np.asarray(s.data) for s in distinct.values()]
+
+
 def all_finite(tree: Any) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype, np.inexact))
+    """Whether every float leaf is finite, on this process's shards (each process checks what it holds)."""
+    return first_nonfinite(tree) is None
 
 
 def first_nonfinite(tree: Any) -> str | None:
     """Path ('adapter/layers_0/.../lora_A') of the first leaf holding NaN/Inf, or None."""
 
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        x = np.asarray(x)
-        if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+        if np.issubdtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype, np.inexact) and not all(np.isfinite(part).all() for part in _local_parts(x)):
             return path_str(path)
     return None
 

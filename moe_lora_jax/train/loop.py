@@ -184,9 +184,9 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
     overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype)
     model_config = load_llama_config(path).replace(remat=config.model.remat, scan_layers=config.model.scan_layers, **overrides)
     base_sh = param_shardings(LlamaForCausalLM(model_config), mesh)["params"]
-    model_config, base = load_llama(path, progress=progress and jax.process_index() == 0, **overrides)
+    # streamed into its shards: each process reads only the slices its devices hold (docs/loading.md)
+    model_config, base = load_llama(path, shardings=base_sh, progress=progress and jax.process_index() == 0, **overrides)
     model_config = model_config.replace(remat=config.model.remat, scan_layers=config.model.scan_layers)
-    base = put_global(base, base_sh)
     ac = adapter_config_from(config.adapter, base, model_config, progress=progress)
     objective = run_objective(config, ac.method)
     if objective.contrastive_coef:  # the contrastive loss reads every expert's output: the model sows them

@@ -108,7 +108,8 @@ def three_steps(model_dir, out_dir) -> list[str]:
 
 
 def test_two_process_training_matches_one_process(scripts, tiny_model_dir, tmp_path):  # noqa: F811
-    args = json.dumps(three_steps(tiny_model_dir, scripts / "two_run"))
+    # base weights split over both processes (fsdp=2): each streams in only its half of every tensor
+    args = json.dumps(three_steps(tiny_model_dir, scripts / "two_run") + ["mesh.data=1", "mesh.fsdp=2"])
     port = free_port()
     started = [start(scripts / "two.py", scripts / f"two_{i}.log", args, MOE_LORA_COORDINATOR=f"127.0.0.1:{port}",
                       MOE_LORA_NUM_PROCESSES="2", MOE_LORA_PROCESS_ID=str(i)) for i in range(2)]
