@@ -123,8 +123,9 @@ def plot_metric_bars(out: Path, results: Mapping[str, Any]) -> Path:
             vals = a["metrics"].get(key, {}).get("values", [])
             ax.plot([i] * len(vals), vals, "k.", ms=4)
         ax.set_xticks(list(xs), [a["name"] for a in arms], rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{title} (mean ± std over seeds)")
+        ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("mean ± std over seeds (dots: each seed)", fontsize=10)
     fig.tight_layout()
     _save(fig, out / "metrics_bars.png")
     return out / "metrics_bars.png"

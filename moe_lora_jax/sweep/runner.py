@@ -240,7 +240,7 @@ def _run(study: Study, out: Path, runs: list[RunSpec], *, progress: bool, log: C
         else:
             try:
                 record = execute(spec, study, progress=progress)
-                write_json_atomic(spec.run_dir / RUN_RESULT, record, overwrite=True, default=str)
+                write_json_atomic(spec.run_dir / RUN_RESULT, record, overwrite=True, allow_nan=True, default=str)
             except Exception as e:  # noqa: BLE001 - a failed run is recorded and retried next time; the others go on
                 record = {"arm": spec.arm, "seed": spec.seed, "status": "failed", "error": _error_text(e)}
             walls.append(time.perf_counter() - t0)

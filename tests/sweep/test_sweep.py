@@ -35,6 +35,7 @@ def study_mapping(model_dir, **extra) -> dict:
         "base": tiny_base(model_dir),
         "seeds": [0, 1],
         "eval": {"examples": 6, "max_new_tokens": 3, "batch_size": 6},
+        "decode_benchmark": {"arms": ["lora"], "beams": [1, 2], "new_tokens": 3, "rounds": 1},
         "arms": [
             {"name": "lora", "set": {}},  # the base: rank 2
             {"name": "lora4", "set": {"adapter.rank": 4}},
@@ -98,6 +99,10 @@ def test_the_study_runs_and_results_have_the_schema_and_numpy_statistics(swept):
     for name in ("results.md", "loss_curves.png", "metrics_bars.png", "exact_match_per_task.png", "study.json"):
         assert (out / name).stat().st_size > 200, name
     table = (out / "results.md").read_text()
+    decode = results["arms"][0]["decode"]  # the first seed's, unmerged, for the arms the study names
+    assert set(decode) == {"beam1", "beam2"} and "decode" not in results["arms"][1]
+    assert all(d["tokens_per_s"] == pytest.approx(3 / d["median_s"]) and d["tokens_per_s"] > 0 for d in decode.values())
+    assert "| lora | " in table.split("Decode speed")[1]
     assert "| lora | 448 | 2 |" in table and "- broken seed 0: rank=0 must be a positive integer" in table
 
 
