@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench reproduce-quick clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ bench: install
 	$(BIN)/python experiments/bench_spectral.py --out experiments/results/bench_spectral.md
 	$(BIN)/python experiments/bench_train.py --out experiments/results/bench_train.md
 	$(BIN)/python experiments/bench_decode.py --out experiments/results/bench_decode.md
+
+# The quick reproduce study (two MoLA shapes, one seed; about 10 minutes on 2 idle cores): a rerun resumes
+# (finished runs are skipped). Tables and plots in runs/reproduce-quick/; see docs/reproduce.md.
+reproduce-quick: install
+	$(BIN)/moe-lora sweep --study experiments/reproduce/quick.yaml --out runs/reproduce-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -71,6 +71,20 @@ def _train_yaml(tmp_path):
     return str(path)
 
 
+def _study_yaml(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(f"base: {{model: {{path: {tmp_path / 'nomodel'}}}}}\nseeds: [0]\narms: [{{name: a}}]\n")
+    return str(path)
+
+
+def _other_study_dir(tmp_path):
+    """The directory of a finished study that is not the one the command names."""
+    target = _precious_dir(tmp_path)
+    (target / "study.json").write_text(json.dumps({"hash": "0" * 64}))
+    (target / "results.json").write_text(PRECIOUS)
+    return target
+
+
 # name -> (make the existing output, argv given the tmp dir and that output). The model path never exists:
 # each command must refuse its output before it loads anything.
 WRITERS = {
@@ -92,6 +106,8 @@ WRITERS = {
     # `--data d.jsonl --json d.jsonl` must not destroy the data set
     "eval --json DATA": (lambda t: t / _data(t),
                          lambda t, o: ["eval", "--model", str(t / "nomodel"), "--data", str(o), "--json", str(o), "--no-progress"]),
+    "sweep": (_precious_dir, lambda t, o: ["sweep", "--study", _study_yaml(t), "--out", str(o)]),
+    "sweep --out OTHER_STUDY": (_other_study_dir, lambda t, o: ["sweep", "--study", _study_yaml(t), "--out", str(o)]),
     # generate --json is a flag (print JSON lines), not a file: a path after it is an unknown argument
     "generate --json": (_precious_file, lambda t, o: ["generate", "--model", str(t / "nomodel"), "--prompt", "hi", "--json", str(o)]),
 }
