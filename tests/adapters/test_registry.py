@@ -17,7 +17,8 @@ from conftest import TINY, batch, init_adapter, randomize, tiny_base
 from moe_lora_jax import LlamaForCausalLM, MoeLoraError
 from moe_lora_jax.adapters import AdapterConfig, layers
 from moe_lora_jax.adapters.registry import (
-    LAYER_ROUTING_KEY, REGISTRY, STATS_PREFIX, MethodSpec, coef_methods, get_method, method_names, register, unregister,
+    LAYER_ROUTING_KEY, REGISTRY, STATS_PREFIX, MethodSpec, coef_methods, get_method, method_names, register,
+    registry_table, unregister,
 )
 from moe_lora_jax.losses import router_stats, total_loss
 from moe_lora_jax.objective import COEF_DEFAULTS, COEF_METHODS, resolve_objective
@@ -117,7 +118,7 @@ def scaled_lora():
     unregister(spec.name)
 
 
-def test_a_method_defined_in_one_file_trains_with_no_other_edit(scaled_lora):
+def test_a_method_defined_in_one_file_trains_with_no_other_edit(scaled_lora, tmp_path):
     """Registered here alone, "scaled_lora" is a valid AdapterConfig, builds its weights next to the kernels,
     gives plain LoRA's logits at gain 1 and the base's at gain 0, and `make_train_step` trains its gain."""
     config, params = tiny_base()
@@ -158,6 +159,15 @@ def test_a_method_defined_in_one_file_trains_with_no_other_edit(scaled_lora):
     gains = [float(l["self_attn"][t]["gain"][0]) for l in state.adapter.values() for t in ("q_proj", "v_proj")]
     assert all(abs(g - 1.0) > 1e-3 for g in gains), gains  # the gain is trained
     assert losses[-1] < losses[0], losses
+    # the native format holds it; PEFT's does not (the spec declares native only)
+    from moe_lora_jax.adapters import load_adapter, save_adapter
+
+    save_adapter(tmp_path / "a", state.adapter, ac, config)
+    ac2, back = load_adapter(tmp_path / "a", config)
+    assert ac2 == ac
+    np.testing.assert_array_equal(back["layers_1"]["self_attn"]["v_proj"]["gain"], state.adapter["layers_1"]["self_attn"]["v_proj"]["gain"])
+    with pytest.raises(MoeLoraError, match="PEFT's format holds plain LoRA, not scaled_lora"):
+        save_adapter(tmp_path / "b", state.adapter, ac, config, format="peft")
     # no balance term applies to it; the unknown-method error lists it while it is registered
     assert all("scaled_lora" not in ms for ms in COEF_METHODS.values())
     assert resolve_objective(None, "scaled_lora").switch_coef == 0.0
@@ -198,6 +208,13 @@ def test_objective_tables_are_derived_from_the_specs():
     }
     assert dict(COEF_DEFAULTS) == {"switch_coef": {"mola": 1e-3, "mixlora": 1e-3}, "loramoe_coef": {"loramoe": 0.1},
                                    "milora_coef": {"milora": 1e-2}}
+
+
+def test_the_docs_table_is_the_registry_table():
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in doc.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in REGISTRY]
+    assert rows == [list(r.values()) for r in registry_table()]
 
 
 def test_declared_facts_of_the_builtin_methods():
