@@ -140,6 +140,12 @@ class MethodSpec:
         """`uniform_layer_params`, True when the method does not say (its layers never differ)."""
         return True if self.uniform_layer_params is None else bool(self.uniform_layer_params(ac, num_layers))
 
+    def paper_presets(self) -> tuple[Any, ...]:
+        """The `Preset`s this spec names (adapters/presets.py holds their values and sources)."""
+        from moe_lora_jax.adapters.presets import get_preset
+
+        return tuple(get_preset(p) for p in self.presets)
+
     def replace(self, **changes: Any) -> "MethodSpec":
         return dataclasses.replace(self, **changes)
 

@@ -247,6 +247,8 @@ def test_declared_facts_of_the_builtin_methods():
     named = {p: n for n, s in REGISTRY.items() for p in s.presets}
     assert set(named) == set(PRESETS)
     assert all(PRESETS[p].values["method"] == n for p, n in named.items())
+    assert [p.name for p in get_method("mola").paper_presets()] == ["mola", "alphalora"]
+    assert get_method("loramoe").paper_presets()[0].values["num_experts"] == 8
 
 
 def test_shared_code_names_no_method():
