@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from moe_lora_jax.adapters.layers import topk_mask
+from moe_lora_jax.adapters.registry import STATS_PREFIX, get_method
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.objective import resolve_objective
 
@@ -43,7 +44,8 @@ def _intermediates(tree: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def router_stats(intermediates: Mapping[str, Any], kind: str = "router") -> list[RouterStat]:
-    """Token routers (kind="router") or MiLoRA's prompt routers (kind="milora"), in layer order."""
+    """One kind of router statistics, in layer order. `kind` is a value of `adapters.registry.STATS_PREFIX`:
+    router (token routers, the default) or milora (MiLoRA's per-prompt layer routers)."""
     flat = traverse_util.flatten_dict(dict(_intermediates(intermediates)))
     found: dict[tuple, dict[str, jax.Array]] = {}
     for path, value in flat.items():
@@ -83,7 +85,7 @@ def _stat_k(top_k: Any, stat: RouterStat, num_experts: int) -> int:
 def _layer_top_k(adapter_config: Any) -> Any:
     """The top_k argument of the Switch terms: an int, or per router from the adapter's Allocation."""
     ac = adapter_config
-    if ac.method == "mola" and ac.allocation is not None:
+    if ac.allocation is not None and get_method(ac.method).uses_allocation:
         return lambda s, E: ac.layer_top_k(s.module.removesuffix("_proj"), s.layer, E)
     return ac.top_k
 
@@ -330,28 +332,28 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
     loss_mask = batch.get("loss_mask", attn)
     loss, metrics = cross_entropy(logits_BxLxV, input_ids, loss_mask)
     ac = adapter_config
-    if ac is None or not ac.routed:
+    spec = None if ac is None else get_method(ac.method)
+    if spec is None or not spec.routed:
         metrics["loss"] = loss
         return loss, metrics
     inter = intermediates or {}
-    stats = router_stats(inter, "router")
+    stats = router_stats(inter, STATS_PREFIX[spec.router_stats])
     mask = attn
-    if ac.method == "milora":
+    if spec.router_stats == "prompt":
         # MiLoRA's routers decide once per prompt: the token-level terms are taken over prompts
         # (logits [B, M]), counting every row that holds a token (eval batches pad with empty rows).
-        stats = router_stats(inter, "milora")
         mask = None if attn is None else jnp.any(jnp.asarray(attn).astype(bool), axis=1)
 
     obj = resolve_objective(objective, ac.method)
     terms = []
     if obj.switch_coef and stats:
-        fn = switch_aux_mola if obj.switch_form == "mola" else switch_aux_mixtral
+        fn = switch_aux_mixtral if obj.switch_form == "mixtral" else switch_aux_mola
         terms.append((obj.switch_coef, fn(stats, _layer_top_k(ac), mask)))
     if obj.importance_coef and stats:
         terms.append((obj.importance_coef, importance_cv2(stats, mask)))
     if obj.z_loss_coef and stats:
         terms.append((obj.z_loss_coef, router_z_loss(stats, mask)))
-    if ac.method == "loramoe" and obj.loramoe_coef:
+    if "loramoe_coef" in spec.balance_terms and obj.loramoe_coef:
         if batch.get("task_types") is None:
             raise MoeLoraError(
                 "LoRAMoE's localized balancing constraint needs a per-example task type: add 'task_types' "
@@ -366,9 +368,9 @@ def total_loss(logits_BxLxV: jax.Array, batch: Mapping[str, Any], intermediates:
                 "objective.contrastive_coef > 0 but the model sowed no expert_gram: build the model with "
                 "adapter_config.replace(sow_expert_outputs=True) and apply it with mutable=['intermediates']"
             )
-        sel_k = None if ac.method in ("mola", "mixlora") else ac.top_k  # sparse routers: their own selection
+        sel_k = None if spec.sparse_router else ac.top_k  # sparse routers: their own selection
         terms.append((obj.contrastive_coef, contrastive_expert_loss(ex, sel_k, obj.contrastive_temperature, attn)))
-    if ac.method == "milora" and obj.milora_coef:
+    if "milora_coef" in spec.balance_terms and obj.milora_coef:
         terms.append((obj.milora_coef, milora_prompt_balance(stats, mask)))
     for coef, (value, m) in terms:
         loss = loss + coef * value

@@ -3,7 +3,7 @@
 Every method (lora, molora, mov, mola, loramoe, mixlora, milora) is a
 configuration of the same `LlamaForCausalLM`; the model reads this config to
 decide which adapter weights to create and how to route. Fields left at `None`
-take the method's default (see `METHOD_DEFAULTS`), resolved by the properties
+take the method's default (its `MethodSpec` in `adapters/registry.py`), resolved by the properties
 below, so the same config object round-trips through JSON unchanged.
 """
 
@@ -17,7 +17,6 @@ from moe_lora_jax import layout
 from moe_lora_jax.allocation.allocation import Allocation
 from moe_lora_jax.errors import MoeLoraError
 
-METHODS = ("lora", "molora", "mov", "mola", "loramoe", "mixlora", "milora")
 # The adapted linears and their groups come from the one table (moe_lora_jax.layout).
 LINEAR_MODULES = layout.ALL
 ATTENTION_MODULES = layout.ATTENTION
@@ -32,25 +31,27 @@ MILORA_ACTIVATIONS = ("rational", "gelu", "relu")
 
 # Loss weights and term options live in the train config's objective section (moe_lora_jax.objective).
 from moe_lora_jax.objective.weights import (  # noqa: E402, F401  (re-exported for older imports)
-    COEF_DEFAULTS, COEF_METHODS, CONTRASTIVE_METHODS, LORAMOE_FORMS, OBJECTIVE_FIELDS, SWITCH_FORMS,
+    COEF_DEFAULTS, LORAMOE_FORMS, OBJECTIVE_FIELDS, SWITCH_FORMS,
 )
+from moe_lora_jax.adapters import registry  # noqa: E402  (method facts: adapters/<method>.py)
+
 # Fields that change neither a parameter's shape nor the routing structure: training-time
 # regularisers and what the model sows for the objective. A checkpoint's identity leaves them out.
 NON_IDENTITY_FIELDS = ("dropout", "router_jitter", "sow_expert_outputs")
 
-# Method defaults for the fields that are `None` in a user's config.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": dict(target_modules=LINEAR_MODULES, router_init="kaiming"),
-    # for-ai/parameter-efficient-moe configs/molora.gin: router and A normal(stddev=2e-2) (src/molora.py), B zeros
-    "molora": dict(target_modules=LINEAR_MODULES, router_init="normal", lora_init="normal"),
-    "mov": dict(target_modules=MOV_MODULES, router_init="normal"),
-    "mola": dict(target_modules=LINEAR_MODULES, router_init="kaiming"),
-    "loramoe": dict(target_modules=FFN_MODULES, router_init="kaiming"),
-    "mixlora": dict(target_modules=LINEAR_MODULES, router_init="normal"),
-    "milora": dict(target_modules=LINEAR_MODULES, router_init="normal"),
-}
-for _defaults in METHOD_DEFAULTS.values():
-    _defaults.setdefault("lora_init", "kaiming")  # PEFT's A init, which MoLA, LoRAMoE and MixLoRA's code keep
+
+def __getattr__(name: str) -> Any:
+    """METHODS, METHOD_DEFAULTS (and the objective's COEF_METHODS, CONTRASTIVE_METHODS) read the
+    method registry when asked, so a method registered later is listed too."""
+    if name == "METHODS":
+        return registry.method_names()
+    if name == "METHOD_DEFAULTS":  # the values of fields left at None, per method
+        return {n: {"target_modules": s.default_targets, **s.defaults} for n, s in registry.REGISTRY.items()}
+    if name in ("COEF_METHODS", "CONTRASTIVE_METHODS"):
+        from moe_lora_jax.objective import weights
+
+        return getattr(weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class AdapterConfig:
     """Which adapter, where, and how it routes. Frozen and hashable (a static jit argument).
 
     Fields:
-      method: one of METHODS.
+      method: a registered method (adapters.registry: lora, molora, mov, mola, loramoe, mixlora, milora).
       rank, alpha, dropout: LoRA rank r, scale alpha/r (alpha/sqrt(r) with `use_rslora`), dropout on the LoRA input.
       target_modules: linears that get adapters (q k v o gate up down; for mov: k, v, ffn). None: method default.
       num_experts: experts per target (molora, mov, loramoe, mixlora) when `allocation` is None.
@@ -113,9 +114,8 @@ class AdapterConfig:
         _check_field_types(self)
         if self.target_modules is not None and not isinstance(self.target_modules, tuple):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if self.method not in METHODS:
-            raise MoeLoraError(f"unknown adapter method {self.method!r}: use one of {', '.join(METHODS)}")
-        allowed = MOV_MODULES if self.method == "mov" else LINEAR_MODULES
+        spec = registry.get_method(self.method)  # unknown: one line listing the registered methods
+        allowed = spec.allowed_targets
         for m in self.targets:
             if m not in allowed:
                 raise MoeLoraError(
@@ -123,7 +123,7 @@ class AdapterConfig:
                 )
         if not self.targets:
             raise MoeLoraError("target_modules is empty: name at least one of " + ", ".join(allowed))
-        if self.method != "mov" and self.rank <= 0:
+        if spec.uses_rank and self.rank <= 0:
             raise MoeLoraError(f"rank={self.rank} must be a positive integer: LoRA needs rank >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise MoeLoraError(f"dropout={self.dropout} must be in [0, 1)")
@@ -141,8 +141,8 @@ class AdapterConfig:
             raise MoeLoraError(f"router_init={self.router_init!r}: use one of {', '.join(ROUTER_INITS)}")
         if not 0.0 <= self.router_jitter < 1.0:  # noise is uniform in [1 - j, 1 + j]: j >= 1 can zero or flip inputs
             raise MoeLoraError(f"router_jitter={self.router_jitter} must be in [0, 1): 0 turns jitter off")
-        if self.method == "loramoe" and self.num_experts % 2:
-            raise MoeLoraError(f"LoRAMoE splits its experts in two groups: num_experts={self.num_experts} must be even")
+        if spec.validate is not None:  # the method's own checks (LoRAMoE's even experts, ...)
+            spec.validate(self)
         if self.mov_routing not in MOV_ROUTINGS:
             raise MoeLoraError(f"mov_routing={self.mov_routing!r}: use one of {', '.join(MOV_ROUTINGS)}")
         if self.lora_init is not None and self.lora_init not in LORA_INITS:
@@ -151,20 +151,22 @@ class AdapterConfig:
             value = getattr(self, name)
             if value is not None and value not in MILORA_ACTIVATIONS:
                 raise MoeLoraError(f"{name}={value!r}: use one of {', '.join(MILORA_ACTIVATIONS)}")
-        if self.method == "milora" and self.top_k > len(self.targets):
-            raise MoeLoraError(
-                f"top_k={self.top_k} is larger than the {len(self.targets)} LoRA modules per layer that MiLoRA routes between"
-            )
-        if self.sow_expert_outputs and self.method not in CONTRASTIVE_METHODS:
+        if self.sow_expert_outputs and "contrastive_coef" not in spec.balance_terms:
+            contrastive = registry.coef_methods()["contrastive_coef"]
             raise MoeLoraError(
                 f"sow_expert_outputs does not apply to method {self.method}: the contrastive expert loss needs "
-                f"LoRA experts ({', '.join(CONTRASTIVE_METHODS)}); set objective.contrastive_coef=0"
+                f"LoRA experts ({', '.join(contrastive)}); set objective.contrastive_coef=0"
             )
 
     # ------------------------------------------------------------ resolved values
     @property
+    def spec(self) -> "registry.MethodSpec":
+        """This method's registry entry."""
+        return registry.get_method(self.method)
+
+    @property
     def targets(self) -> tuple[str, ...]:
-        t = self.target_modules if self.target_modules is not None else METHOD_DEFAULTS[self.method]["target_modules"]
+        t = self.target_modules if self.target_modules is not None else self.spec.default_targets
         return tuple(t)
 
     @property
@@ -173,11 +175,11 @@ class AdapterConfig:
 
     @property
     def resolved_router_init(self) -> str:
-        return self.router_init or METHOD_DEFAULTS[self.method]["router_init"]
+        return self.router_init or self.spec.defaults["router_init"]
 
     @property
     def resolved_lora_init(self) -> str:
-        return self.lora_init or METHOD_DEFAULTS[self.method]["lora_init"]
+        return self.lora_init or self.spec.defaults.get("lora_init", "kaiming")
 
     def milora_activation_at(self, layer: int, num_layers: int) -> str:
         """MiLoRA's router activation in `layer`: the deep one for layer >= num_layers // 2 when set."""
@@ -187,18 +189,18 @@ class AdapterConfig:
 
     @property
     def routed(self) -> bool:
-        return self.method != "lora"
+        return self.spec.routed
 
     def expert_counts(self, module: str, num_layers: int) -> tuple[int, ...]:
         """Experts of `module` in every layer: from the Allocation, else `num_experts` everywhere."""
-        if self.allocation is None or self.method == "mixlora":
+        if self.allocation is None or not self.spec.uses_allocation:
             return (self.num_experts,) * num_layers
         return tuple(int(c) for c in self.allocation.counts(module))
 
     def layer_top_k(self, module: str, layer: int, num_experts: int) -> int:
         """Experts each token is routed to in `layer` of `module`: the Allocation's per-layer top-k where it
         has one, else top_k capped by the layer's expert count (AlphaLoRA's rule: one expert routes top-1)."""
-        if self.allocation is not None and self.method != "mixlora":
+        if self.allocation is not None and self.spec.uses_allocation:
             per_module = getattr(self.allocation, "top_k", None)
             per_layer = per_module(module) if callable(per_module) else None
             if per_layer is not None:
@@ -212,8 +214,9 @@ class AdapterConfig:
     def validate_for(self, model_config: Any) -> None:
         """Raise MoeLoraError where this adapter cannot be built on `model_config` (a LlamaConfig)."""
         L = model_config.num_hidden_layers
+        spec = self.spec
         dims = linear_dims(model_config)
-        if self.method != "mov":
+        if spec.uses_rank:
             for m in self.targets:
                 d_in, d_out = dims[m]
                 if self.rank > min(d_in, d_out):
@@ -221,36 +224,15 @@ class AdapterConfig:
                         f"rank={self.rank} is larger than the {m}_proj linear ({d_in} -> {d_out}): choose rank <= {min(d_in, d_out)}"
                     )
         if self.allocation is not None:
-            if self.method not in ("mola", "molora", "loramoe", "mov"):
+            if not spec.uses_allocation:
                 raise MoeLoraError(f"an Allocation is only used by expert methods, not by {self.method}: drop it")
             n = int(getattr(self.allocation, "num_layers", L))
             if n != L:
                 raise MoeLoraError(
                     f"the Allocation covers {n} layers but the model has {L}: build it with num_layers={L}"
                 )
-        if self.method in ("mola", "molora", "loramoe", "mov", "mixlora"):
-            modules = ("ffn",) if self.method == "mixlora" else self.targets
-            for m in modules:
-                counts = self.expert_counts(m, L)
-                if len(counts) != L:
-                    raise MoeLoraError(
-                        f"the Allocation gives {len(counts)} counts for {m} but the model has {L} layers: give one count per layer"
-                    )
-                for i, c in enumerate(counts):
-                    if c <= 0:
-                        raise MoeLoraError(
-                            f"the Allocation gives layer {i} of {m} {c} experts: every layer needs at least one expert"
-                        )
-                    # with an Allocation each layer routes top-min(top_k, c) (or the Allocation's own top-k)
-                    capped = self.method == "mola" and self.allocation is not None
-                    if self.method in ("mola", "mixlora") and self.top_k > c and not capped:
-                        raise MoeLoraError(
-                            f"top_k={self.top_k} is larger than the {c} experts of {m} in layer {i}: lower top_k or give that layer more experts"
-                        )
-                    if self.method == "loramoe" and c % 2:
-                        raise MoeLoraError(
-                            f"LoRAMoE splits experts in two groups but {m} in layer {i} has {c}: use even counts"
-                        )
+        if spec.validate_for is not None:  # the method's own checks (expert counts per layer, top-k, groups)
+            spec.validate_for(self, model_config)
 
     # ------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -270,8 +252,9 @@ class AdapterConfig:
         if unknown:
             raise MoeLoraError(f"adapter config has unknown fields {unknown}: it was written by another version")
         kw = dict(d)
-        if kw.get("method") == "mov" and "mov_routing" not in kw:
-            kw["mov_routing"] = "token"  # written before per-head routing: its vectors are [E, O]
+        spec = registry.REGISTRY.get(str(kw.get("method", "lora")))
+        for name, value in ({} if spec is None else spec.legacy_defaults).items():
+            kw.setdefault(name, value)  # a field the method's files were written without (MoV: mov_routing)
         # Adapters written before the objective section carry the loss weights (and their options):
         # they are the training run's, not the adapter's (see moe_lora_jax.objective.legacy_objective).
         for name in OBJECTIVE_FIELDS:

@@ -112,7 +112,7 @@ def save_adapter(out_dir: str | Path, adapter: Mapping[str, Any], adapter_config
             (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
         return Path(out_dir)
     if format == "peft":
-        if adapter_config.method != "lora":
+        if "peft" not in adapter_config.spec.export_formats:
             raise MoeLoraError(f"PEFT's format holds plain LoRA, not {adapter_config.method}: save with format='native'")
         from safetensors.numpy import save_file
 
@@ -148,7 +148,7 @@ def save_adapter(out_dir: str | Path, adapter: Mapping[str, Any], adapter_config
 
 
 def _save_mixlora(out_dir, adapter, ac: AdapterConfig, model_config, base_name: str, replace: bool = False) -> Path:
-    if ac.method != "mixlora":
+    if "mixlora" not in ac.spec.export_formats:
         raise MoeLoraError(f"the mixlora format holds MixLoRA adapters, not {ac.method}: save with format='native'")
     if ac.dropout <= 0.0:
         raise MoeLoraError("the mixlora package refuses lora_dropout=0: set AdapterConfig.dropout > 0 (e.g. 0.05)")

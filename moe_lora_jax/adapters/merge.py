@@ -39,7 +39,7 @@ def _lora_leaf(adapter: Mapping[str, Any], layer: str, target: str) -> Mapping[s
 
 def merge_lora(params: Mapping[str, Any], adapter: Mapping[str, Any], adapter_config: AdapterConfig) -> dict[str, Any]:
     """Base params with scale * A @ B added to every LoRA target kernel (a new tree; inputs are not changed)."""
-    if adapter_config.method != "lora":
+    if not adapter_config.spec.mergeable:
         raise MoeLoraError(
             f"only plain LoRA can be merged into the base weights, not {adapter_config.method}: "
             "its adapter output depends on the router, so serve it unmerged"

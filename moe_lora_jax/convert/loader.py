@@ -34,7 +34,7 @@ def load_model_and_adapter(
     adapter_config, adapter = None, None
     if adapter_dir is not None:
         adapter_config, adapter = load_adapter(adapter_dir, load_llama_config(path))
-        if merge and adapter_config.method != "lora":
+        if merge and not adapter_config.spec.mergeable:
             merge_lora({}, adapter, adapter_config)  # raises the one-line refusal
     config, params = load_llama(path, progress=progress)
     if adapter_config is None:

@@ -31,9 +31,9 @@ import numpy as np
 from flax import struct
 
 from moe_lora_jax import layout
-from moe_lora_jax.adapters import layers as adapter_layers
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.adapters.layers import AdapterContext
+from moe_lora_jax.adapters.registry import LAYER_ROUTING_KEY, get_method
 from moe_lora_jax.config import LlamaConfig
 from moe_lora_jax.model.scan import run_scanned_layers, scan_plan
 from moe_lora_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -107,24 +107,7 @@ class TargetLinear(nn.Module):
         if ac is None or self.target not in ac.targets:
             return y
         ctx = AdapterContext() if ctx is None else ctx
-        args = (self, x, self.features, self.kernel_axes)
-        method = ac.method
-        if method == "mov" and self.num_heads:
-            return adapter_layers.ia3_head_mixture(self, y, self.num_heads, self.num_experts, ac, ctx)
-        if method == "mov":
-            return adapter_layers.ia3_mixture(self, y, self.kernel_axes[1], self.num_experts, ac, ctx)
-        if method in ("lora", "mixlora"):
-            return y + adapter_layers.lora_delta(*args, ac, ctx, self.dtype).astype(y.dtype)
-        if method == "milora":
-            if ctx.layer_gates_BxM is None:
-                raise ValueError("MiLoRA linears need the layer's routing gates in the adapter context")
-            gate_B = ctx.layer_gates_BxM[:, ac.targets.index(self.target)].astype(y.dtype)
-            delta = adapter_layers.lora_delta(*args, ac, ctx, self.dtype).astype(y.dtype)
-            return y + delta * gate_B.reshape((-1,) + (1,) * (y.ndim - 1))
-        # molora, loramoe: dense softmax over all experts; mola: this layer's top-k
-        top_k = ac.layer_top_k(self.target, self.layer, self.num_experts) if method == "mola" else None
-        delta = adapter_layers.expert_bank_delta(*args, self.num_experts, ac, ctx, self.dtype, top_k)
-        return y + delta.astype(y.dtype)
+        return get_method(ac.method).adapt_linear(self, x, y, ctx)  # the method's hook (adapters/<method>.py)
 
 
 def _linear_kwargs(cfg: LlamaConfig, ac: AdapterConfig | None, layer: int, target: str) -> dict[str, Any]:
@@ -132,10 +115,9 @@ def _linear_kwargs(cfg: LlamaConfig, ac: AdapterConfig | None, layer: int, targe
     kw: dict[str, Any] = dict(layer=layer, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     if ac is not None:
         kw["adapter_config"] = ac
-        if ac.routed and target in ac.targets and ac.method not in ("milora", "mixlora"):
-            kw["num_experts"] = ac.expert_counts(target, cfg.num_hidden_layers)[layer]
-        if ac.method == "mov" and ac.mov_routing == "head" and target in ("k", "v") and target in ac.targets:
-            kw["num_heads"] = cfg.num_key_value_heads
+        hook = get_method(ac.method).linear_kwargs  # num_experts, num_heads: what the method's linears need
+        if hook is not None and target in ac.targets:
+            kw.update(hook(ac, cfg, layer, target))
     return kw
 
 
@@ -204,8 +186,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU FFN. Adapter hooks at the FFN level: MixLoRA replaces it by its mixture of
-    FFN experts; MoV scales the activation silu(gate) * up that feeds down_proj."""
+    """SwiGLU FFN. Adapter hooks at the FFN level (the method's `MethodSpec`): `ffn` replaces it
+    (MixLoRA's mixture of FFN experts); `ffn_activation` rescales the activation silu(gate) * up
+    that feeds down_proj (MoV)."""
 
     config: LlamaConfig
     layer: int
@@ -214,41 +197,16 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, ctx: AdapterContext | None = None) -> jax.Array:
         cfg, ac = self.config, self.adapter_config
-        if ac is not None and ac.method == "mixlora":
-            ctx = AdapterContext() if ctx is None else ctx
-            return adapter_layers.mixlora_ffn(self, x_BxLxD, cfg, ac, ctx, cfg.dtype, cfg.param_dtype)
+        spec = None if ac is None else get_method(ac.method)
+        if spec is not None and spec.ffn is not None:
+            return spec.ffn(self, x_BxLxD, AdapterContext() if ctx is None else ctx)
         kw = lambda t: _linear_kwargs(cfg, ac, self.layer, t)  # noqa: E731
         gate = TargetLinear(**_from_table("gate", cfg), **kw("gate"))(x_BxLxD, ctx)
         up = TargetLinear(**_from_table("up", cfg), **kw("up"))(x_BxLxD, ctx)
         act = nn.silu(gate) * up
-        if ac is not None and ac.method == "mov" and "ffn" in ac.targets:
-            E = ac.expert_counts("ffn", cfg.num_hidden_layers)[self.layer]
-            act = IA3Mixture(ac, E, "mlp", name="ffn_ia3")(act, AdapterContext() if ctx is None else ctx)
+        if spec is not None and spec.ffn_activation is not None:
+            act = spec.ffn_activation(self, act, AdapterContext() if ctx is None else ctx)
         return TargetLinear(**_from_table("down", cfg), **kw("down"))(act, ctx)
-
-
-class IA3Mixture(nn.Module):
-    """MoV on an activation that is not a linear's output (the FFN's): E IA3 vectors, soft-merged."""
-
-    adapter_config: AdapterConfig
-    num_experts: int
-    axis: str
-
-    @nn.compact
-    def __call__(self, y: jax.Array, ctx: AdapterContext) -> jax.Array:
-        return adapter_layers.ia3_mixture(self, y, self.axis, self.num_experts, self.adapter_config, ctx)
-
-
-class MiLoRARouter(nn.Module):
-    """One router per layer over the layer's LoRA modules, from the pooled prompt."""
-
-    adapter_config: AdapterConfig
-    activation: str = "rational"  # this layer's router activation (AdapterConfig.milora_activation_at)
-
-    @nn.compact
-    def __call__(self, h_BxLxD: jax.Array, pool_mask_BxL: jax.Array) -> jax.Array:
-        ac = self.adapter_config
-        return adapter_layers.milora_route(self, h_BxLxD, pool_mask_BxL, len(ac.targets), ac, self.activation)
 
 
 class DecoderLayer(nn.Module):
@@ -258,17 +216,14 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD, cos_sin, mask_Bx1xLxS, kv=None, ctx=None):
-        """Returns (x, new_kv, milora_gates_BxM or None)."""
+        """Returns (x, new_kv, the layer router's gates_BxM or None)."""
         cfg, ac = self.config, self.adapter_config
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         h = RMSNorm(name="input_layernorm", **norm)(x_BxLxD)
         gates_BxM = None
-        if ac is not None and ac.method == "milora":
-            if ctx.routing_BxNxM is not None:  # reuse the prompt's routing decision (decode steps)
-                gates_BxM = ctx.routing_BxNxM[:, self.layer]
-            else:
-                activation = ac.milora_activation_at(self.layer, cfg.num_hidden_layers)
-                gates_BxM = MiLoRARouter(ac, activation, name="milora_router")(h, ctx.pool_mask_BxL)
+        layer_router = None if ac is None else get_method(ac.method).layer_router
+        if layer_router is not None:  # one routing decision per layer (MiLoRA), read by the layer's linears
+            gates_BxM = layer_router(self, h, ctx)
             ctx = ctx.replace(layer_gates_BxM=gates_BxM)
         attn = Attention(cfg, self.layer, ac, name="self_attn")
         attn_out, new_kv = attn(h, cos_sin, mask_Bx1xLxS, kv, ctx)
@@ -363,9 +318,9 @@ class LlamaForCausalLM(nn.Module):
                 new_v.append(layer_kv[1])
             gates.append(layer_gates)
         new_routing = None
-        if ac is not None and ac.method == "milora":
+        if ac is not None and get_method(ac.method).layer_router is not None:
             new_routing = jnp.stack(gates, axis=1)  # [B, num_layers, M]
-            self.sow("intermediates", "milora_routing", new_routing)
+            self.sow("intermediates", LAYER_ROUTING_KEY, new_routing)
         x_BxLxD = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x_BxLxD)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x_BxLxD)

@@ -9,7 +9,6 @@ with other weights (the change is logged). The pure loss functions stay in `moe_
 from moe_lora_jax.objective.weights import (
     COEF_DEFAULTS,
     COEF_METHODS,
-    CONTRASTIVE_METHODS,
     LORAMOE_FORMS,
     OBJECTIVE_FIELDS,
     SWITCH_FORMS,
@@ -17,6 +16,16 @@ from moe_lora_jax.objective.weights import (
     legacy_objective,
     resolve_objective,
 )
+
+
+
+def __getattr__(name: str):
+    if name == "CONTRASTIVE_METHODS":  # derived from the method registry when asked
+        from moe_lora_jax.objective import weights
+
+        return weights.CONTRASTIVE_METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "COEF_DEFAULTS", "COEF_METHODS", "CONTRASTIVE_METHODS", "LORAMOE_FORMS", "OBJECTIVE_FIELDS", "SWITCH_FORMS",

@@ -16,26 +16,68 @@ from moe_lora_jax.errors import MoeLoraError
 
 SWITCH_FORMS = ("mola", "mixtral")  # mola: per layer, summed over layers; mixtral: one global term
 LORAMOE_FORMS = ("code", "paper")  # code: CV^2 = var/mean^2 (the authors' code); paper: var/mean (the paper's equation)
-CONTRASTIVE_METHODS = ("molora", "mola", "loramoe", "mixlora")  # methods whose experts are LoRA experts
+COEF_NAMES = ("switch_coef", "importance_coef", "z_loss_coef", "loramoe_coef", "milora_coef", "contrastive_coef")
 
-# The methods whose routers define each weight. Switch needs a top-k selection (mola, mixlora,
-# milora); importance and z-loss need a router (every method but lora); LoRAMoE's constraint needs
-# its two expert groups; MiLoRA's term its prompt routers; the contrastive loss LoRA experts.
-COEF_METHODS: dict[str, tuple[str, ...]] = {
-    "switch_coef": ("mola", "mixlora", "milora"),
-    "importance_coef": ("molora", "mov", "mola", "loramoe", "mixlora", "milora"),
-    "z_loss_coef": ("molora", "mov", "mola", "loramoe", "mixlora", "milora"),
-    "loramoe_coef": ("loramoe",),
-    "milora_coef": ("milora",),
-    "contrastive_coef": CONTRASTIVE_METHODS,
-}
-# Defaults of weights left at None, per method (0 for every method not named).
-COEF_DEFAULTS: dict[str, dict[str, float]] = {
-    "switch_coef": {"mola": 1e-3, "mixlora": 1e-3},  # MoLA's code; MixLoRA's router_aux_loss_coef
-    "loramoe_coef": {"loramoe": 0.1},
-    "milora_coef": {"milora": 1e-2},
-}
-SWITCH_FORM_DEFAULTS: dict[str, str] = {"mixlora": "mixtral"}  # every other method: "mola"
+
+class _Derived(Mapping):
+    """A read-only mapping computed from the method registry on every access (so it lists methods
+    registered later): each method's file declares its balance terms and objective defaults once."""
+
+    def __init__(self, compute):
+        self._compute = compute
+
+    def __getitem__(self, key):
+        return self._compute()[key]
+
+    def __iter__(self):
+        return iter(self._compute())
+
+    def __len__(self) -> int:
+        return len(self._compute())
+
+    def __repr__(self) -> str:
+        return repr(self._compute())
+
+
+def _coef_methods() -> dict[str, tuple[str, ...]]:
+    from moe_lora_jax.adapters import registry
+
+    return registry.coef_methods()
+
+
+def _coef_defaults() -> dict[str, dict[str, float]]:
+    from moe_lora_jax.adapters import registry
+
+    out: dict[str, dict[str, float]] = {}
+    for method in registry.method_names():
+        for name, value in registry.objective_defaults(method).items():
+            if name in COEF_NAMES:
+                out.setdefault(name, {})[method] = value
+    return out
+
+
+# The methods whose routers define each weight (from each MethodSpec's balance_terms). Switch needs a
+# top-k selection (mola, mixlora, milora); importance and z-loss need a router (every method but lora);
+# LoRAMoE's constraint needs its two expert groups; MiLoRA's term its prompt routers; the contrastive
+# loss LoRA experts.
+COEF_METHODS: Mapping[str, tuple[str, ...]] = _Derived(_coef_methods)
+# Defaults of weights left at None, per method (0 for every method not named): each spec's objective_defaults
+# (MoLA's code and MixLoRA's router_aux_loss_coef: switch 1e-3; LoRAMoE 0.1; MiLoRA 1e-2).
+COEF_DEFAULTS: Mapping[str, dict[str, float]] = _Derived(_coef_defaults)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CONTRASTIVE_METHODS":  # methods whose experts are LoRA experts
+        return COEF_METHODS["contrastive_coef"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _switch_form_default(method: str) -> str:
+    from moe_lora_jax.adapters import registry
+
+    return registry.objective_defaults(method).get("switch_form", "mola")  # mixlora: "mixtral"
+
+
 OPTION_DEFAULTS: dict[str, Any] = {"loramoe_delta": 0.1, "loramoe_form": "code", "contrastive_temperature": 0.07}
 
 
@@ -82,7 +124,7 @@ class Objective:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise MoeLoraError(f"objective.{f.name}={value!r} is not a finite number")
             object.__setattr__(self, f.name, float(value))
-        for name in COEF_METHODS:
+        for name in COEF_NAMES:
             if (getattr(self, name) or 0.0) < 0:
                 raise MoeLoraError(f"objective.{name}={getattr(self, name)} is negative: a loss weight is >= 0 (0 turns it off)")
         if self.switch_form is not None and self.switch_form not in SWITCH_FORMS:
@@ -128,15 +170,15 @@ def resolve_objective(objective: "Objective | Mapping[str, Any] | None", method:
         if value is None:
             value = getattr(pre, name)
         if value is None:
-            if name in COEF_METHODS:
+            if name in COEF_NAMES:
                 value = COEF_DEFAULTS.get(name, {}).get(method, 0.0)
             elif name == "switch_form":
-                value = SWITCH_FORM_DEFAULTS.get(method, "mola")
+                value = _switch_form_default(method)
             else:
                 value = OPTION_DEFAULTS[name]
         out[name] = value
     resolved = Objective(**out)
-    for name, methods in COEF_METHODS.items():
+    for name, methods in dict(COEF_METHODS).items():
         value = getattr(resolved, name)
         if value and method not in methods:
             raise MoeLoraError(
@@ -151,5 +193,6 @@ def legacy_objective(adapter_dict: Mapping[str, Any]) -> dict[str, Any]:
     (weights then lived in the adapter config); {} for a current one. Weights the method never used
     (old files wrote loramoe_coef=0.1 and milora_coef=0.01 for every method: no-ops then) are left out."""
     method = str(adapter_dict.get("method", "lora"))
+    applies = dict(COEF_METHODS)
     return {k: adapter_dict[k] for k in OBJECTIVE_FIELDS
-            if k in adapter_dict and not (k in COEF_METHODS and method not in COEF_METHODS[k])}
+            if k in adapter_dict and not (k in applies and method not in applies[k])}

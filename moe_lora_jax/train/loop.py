@@ -136,7 +136,7 @@ def loramoe_task_types(config: TrainConfig, task_names: tuple[str, ...], adapter
     if ac is None:  # the method only: resolved the way adapter_config_from resolves it
         _refuse_adapter_weights(config.adapter)
         ac = AdapterConfig(method=apply_preset(config.adapter).get("method", "lora"))
-    if ac.method != "loramoe":
+    if "task_types" not in ac.spec.batch_needs:  # only LoRAMoE's constraint reads task types
         return None
     if table is None and run_objective(config, ac.method).loramoe_coef:
         raise MoeLoraError(
@@ -201,7 +201,7 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
 
 def _batch_for_step(batch: Mapping[str, np.ndarray], ac: Any, task_types: np.ndarray | None = None) -> dict[str, np.ndarray]:
     out = dict(batch)
-    if ac is not None and ac.method == "loramoe" and task_types is not None:
+    if ac is not None and "task_types" in ac.spec.batch_needs and task_types is not None:
         # LoRAMoE's constraint wants a type per example: 1 where its task is in data.world_knowledge_tasks.
         out["task_types"] = np.asarray(task_types, np.int32)[out["task_id"]]
     out.pop("task_id", None)

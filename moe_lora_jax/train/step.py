@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from moe_lora_jax.adapters.registry import STATS_PREFIX, get_method
 from moe_lora_jax.losses import RouterStat, _layer_top_k, _stat_k, router_stats, total_loss
 from moe_lora_jax.parallel.mesh import BATCH_AXES
 from moe_lora_jax.parallel.rules import batch_sharding
@@ -86,7 +87,7 @@ def routing_metrics(
     a MoLA / AlphaLoRA Allocation's per-layer top-k)."""
     if not intermediates:
         return {}
-    stats = router_stats(intermediates, "router") + router_stats(intermediates, "milora")
+    stats = [s for kind in STATS_PREFIX.values() for s in router_stats(intermediates, kind)]
     per_layer: dict[int, list[dict[str, jax.Array]]] = {}
     for s in stats:
         probs = jax.nn.softmax(s.logits.astype(jnp.float32), axis=-1)
@@ -142,7 +143,7 @@ def make_train_step(
     its metrics must include "ce" and "tokens".
     """
     loss_fn = _objective_loss(objective) if loss_fn is None else loss_fn
-    top_k = adapter_config.top_k if adapter_config is not None and adapter_config.method in ("mola", "mixlora", "milora") else 1
+    top_k = 1 if adapter_config is None else get_method(adapter_config.method).routing_top_k(adapter_config)
     if grad_accum < 1:
         raise ValueError(f"grad_accum={grad_accum} must be >= 1")
 
