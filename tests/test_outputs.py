@@ -93,6 +93,8 @@ WRITERS = {
     # `--data d.jsonl --json d.jsonl` must not destroy the data set
     "eval --json DATA": (lambda t: t / _data(t),
                          lambda t, o: ["eval", "--model", str(t / "nomodel"), "--data", str(o), "--json", str(o), "--no-progress"]),
+    "routing": (_precious_dir, lambda t, o: ["routing", "--adapter", str(t / "noadapter"), "--model", str(t / "nomodel"),
+                                             "--out", str(o), "--no-progress"]),
     # generate --json is a flag (print JSON lines), not a file: a path after it is an unknown argument
     "generate --json": (_precious_file, lambda t, o: ["generate", "--model", str(t / "nomodel"), "--prompt", "hi", "--json", str(o)]),
 }

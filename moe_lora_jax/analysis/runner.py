@@ -68,15 +68,33 @@ def choose_data(data: str | os.PathLike | None, run_config: Any | None, split: s
     return DataChoice(str(data), split, tpl, length, field, label=str(data))
 
 
+def balanced_head(records: Sequence[Any], n: int, task_field: str = "task") -> list[Any]:
+    """The first `n` rows taken in turn from each task (in order of first appearance), each task's rows in file
+    order: every task gets n / T rows while it has them, so a small sample still covers every task."""
+    by_task: dict[str, list[Any]] = {}
+    for r in records:
+        by_task.setdefault(str(r.get(task_field)), []).append(r)
+    queues = [iter(rows) for rows in by_task.values()]
+    out: list[Any] = []
+    while len(out) < n and queues:
+        for q in list(queues):
+            row = next(q, None)
+            if row is None:
+                queues.remove(q)
+            elif len(out) < n:
+                out.append(row)
+    return out
+
+
 def _batches(choice: DataChoice, tokenizer: Any, max_examples: int | None, batch_size: int):
     from moe_lora_jax.data import build_task_table, eval_batches, load_records, tokenize_split
 
     records = load_records(choice.source, choice.split, bundled_seed=choice.bundled_seed, bundled_size=choice.bundled_size)
-    if max_examples:
-        records = records[:max_examples]
     if not records:
         raise MoeLoraError(f"{choice.label} has no examples")
     tasks = build_task_table(records, task_field=choice.task_field)
+    if max_examples:
+        records = balanced_head(records, max_examples, choice.task_field)
     split = tokenize_split(records, tokenizer, choice.template, choice.max_len, tasks, task_field=choice.task_field,
                            name=choice.label)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -104,8 +122,8 @@ def run_routing_analyses(
     """Write the analyses `names` (None: every one that applies to the adapter's method) of `adapter_dir` into the
     new directory `out_dir`, which appears only when all are written. Returns {name: NAME.json, name + "_plot": NAME.png}.
 
-    model / data: see the module docstring (data: None, "bundled" or a file); max_examples: the first N examples
-    of the split (None: all); tokens: the tokens counted for the token routers (all, prompt or response).
+    model / data: see the module docstring (data: None, "bundled" or a file); max_examples: N examples of the split
+    taken in turn from each task (`balanced_head`; None: all); tokens: the tokens counted for the token routers (all, prompt or response).
     Raises MoeLoraError, before any work, for an existing output, a bad adapter or an analysis that does not apply."""
     ensure_new_dir(out_dir)
     from moe_lora_jax.adapters.io import load_adapter

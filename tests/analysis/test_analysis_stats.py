@@ -169,3 +169,11 @@ def test_expert_banks_skip_plain_lora_and_find_mixlora_ffn():
     assert [(l, m, a.shape) for l, m, a, _ in expert_banks(tree)] == [(2, "gate_proj", (3, 4, 2))]
     with pytest.raises(MoeLoraError, match="no bank of LoRA experts"):
         expert_redundancy_result({"layers_0": {"x": {"lora_A": np.zeros((4, 2))}}}, AdapterConfig(method="mola"))
+
+
+def test_balanced_head_takes_examples_in_turn_from_each_task():
+    from moe_lora_jax.analysis.runner import balanced_head
+
+    rows = [{"task": t, "i": i} for i, t in enumerate("aaaabcbb")]
+    assert [r["i"] for r in balanced_head(rows, 5)] == [0, 4, 5, 1, 6]
+    assert [r["i"] for r in balanced_head(rows, 100)] == [0, 4, 5, 1, 6, 2, 7, 3]
