@@ -38,6 +38,7 @@ class DataChoice:
     bundled_seed: int = 0
     bundled_size: int = 3000
     label: str = "bundled"
+    bundled_tasks: tuple[str, ...] | None = None
 
 
 def run_config_of(adapter_dir: str | os.PathLike) -> Any | None:
@@ -62,7 +63,8 @@ def choose_data(data: str | os.PathLike | None, run_config: Any | None, split: s
         if rc.train is not None and source is None:
             source = rc.train  # a run without that split: its train file (seen in training; said in the label)
         label = f"the run's data ({source or 'bundled'}, {split})"
-        return DataChoice(source, split, tpl, length, field, rc.bundled_seed, rc.bundled_size, label)
+        return DataChoice(source, split, tpl, length, field, rc.bundled_seed, rc.bundled_size, label,
+                          getattr(rc, "bundled_tasks", None))
     if data is None or str(data) == "bundled":
         return DataChoice(None, split, tpl, length, field, label=f"bundled ({split})")
     return DataChoice(str(data), split, tpl, length, field, label=str(data))
@@ -89,7 +91,8 @@ def balanced_head(records: Sequence[Any], n: int, task_field: str = "task") -> l
 def _batches(choice: DataChoice, tokenizer: Any, max_examples: int | None, batch_size: int):
     from moe_lora_jax.data import build_task_table, eval_batches, load_records, tokenize_split
 
-    records = load_records(choice.source, choice.split, bundled_seed=choice.bundled_seed, bundled_size=choice.bundled_size)
+    records = load_records(choice.source, choice.split, bundled_seed=choice.bundled_seed, bundled_size=choice.bundled_size,
+                           bundled_tasks=choice.bundled_tasks)
     if not records:
         raise MoeLoraError(f"{choice.label} has no examples")
     tasks = build_task_table(records, task_field=choice.task_field)
