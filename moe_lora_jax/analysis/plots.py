@@ -10,7 +10,7 @@ import numpy as np
 from moe_lora_jax.atomic import atomic_file
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,10 +19,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(path)
 
 
@@ -34,7 +34,7 @@ def _arr(x: Any) -> np.ndarray:
 def plot_expert_load(doc: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Top: task separation against layer per linear. Below, one heatmap per linear: tasks (rows) against
     every layer's experts (columns, grouped by layer), coloured by the share of the task's routing."""
-    plt = _pyplot()
+    plt = pyplot()
     modules = sorted({r["module"] for r in doc["routers"]})
     tasks = doc["tasks"]
     fig, axes = plt.subplots(len(modules) + 1, 1, figsize=(12, 2.6 + 0.3 * len(tasks) * len(modules)), squeeze=False,
@@ -66,13 +66,13 @@ def plot_expert_load(doc: Mapping[str, Any], path: str | Path, title: str = "") 
         ax.set_ylabel(m, fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     axes[-1, 0].set_xlabel("layer (each block: its experts, left to right)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_milora_modules(doc: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """One heatmap per task (and all tasks): layers (rows) against the LoRA modules, coloured by the share
     of the task's prompts that select the module in that layer (MiLoRA's Figure 2)."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [(t, _arr(doc["selection_rate"][t])) for t in doc["tasks"]] + [("all tasks", _arr(doc["all_tasks"]))]
     n_layers = panels[0][1].shape[0]
     fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels) + 1, 1.2 + 0.18 * n_layers), squeeze=False,
@@ -84,12 +84,12 @@ def plot_milora_modules(doc: Mapping[str, Any], path: str | Path, title: str = "
     axes[0, 0].set_ylabel("layer")
     fig.colorbar(im, ax=axes[0, -1], fraction=0.2, pad=0.05, label="share of prompts selecting")
     fig.suptitle(title or f"MiLoRA: LoRA modules selected per layer (top-{doc['top_k']})", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loramoe_groups(doc: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Gate mass on the world-knowledge group against layer: a thin line per task, a thick one per task type."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = [r["layer"] for r in doc["layers"]]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     colours = {1: "tab:blue", 0: "tab:orange", None: "tab:gray"}
@@ -111,12 +111,12 @@ def plot_loramoe_groups(doc: Mapping[str, Any], path: str | Path, title: str = "
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.set_title(title or "LoRAMoE: group utilisation by task type (thin: one task)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_expert_redundancy(doc: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Mean pairwise distance of the experts' dW against layer, per linear and the layer mean, both distances."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     modules = sorted({r["module"] for r in doc["linears"]})
     none = lambda v: np.nan if v is None else v  # noqa: E731
@@ -133,7 +133,7 @@ def plot_expert_redundancy(doc: Mapping[str, Any], path: str | Path, title: str 
         ax.grid(alpha=0.3)
     axes[0].legend(ncol=4, fontsize=7)
     fig.suptitle(title or f"{doc['method']}: expert redundancy (0: identical experts, 1: orthogonal)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 PLOTS = {
