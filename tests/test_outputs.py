@@ -108,6 +108,8 @@ WRITERS = {
                          lambda t, o: ["eval", "--model", str(t / "nomodel"), "--data", str(o), "--json", str(o), "--no-progress"]),
     "sweep": (_precious_dir, lambda t, o: ["sweep", "--study", _study_yaml(t), "--out", str(o)]),
     "sweep --out OTHER_STUDY": (_other_study_dir, lambda t, o: ["sweep", "--study", _study_yaml(t), "--out", str(o)]),
+    "routing": (_precious_dir, lambda t, o: ["routing", "--adapter", str(t / "noadapter"), "--model", str(t / "nomodel"),
+                                             "--out", str(o), "--no-progress"]),
     # generate --json is a flag (print JSON lines), not a file: a path after it is an unknown argument
     "generate --json": (_precious_file, lambda t, o: ["generate", "--model", str(t / "nomodel"), "--prompt", "hi", "--json", str(o)]),
 }

@@ -111,7 +111,8 @@ def _quickstart(config: Any, args: argparse.Namespace, report_path: Path) -> int
     if ac.allocation is not None:
         print(f"allocation ({ac.allocation.method}): experts per layer {list(ac.allocation.experts_per_layer)}")
     data = config.data
-    records = load_records(data.test, "test", bundled_seed=data.bundled_seed, bundled_size=data.bundled_size)
+    records = load_records(data.test, "test", bundled_seed=data.bundled_seed, bundled_size=data.bundled_size,
+                           bundled_tasks=data.bundled_tasks)
     records = records[: args.eval_examples]
 
     def score(adapter: Any) -> dict[str, Any]:

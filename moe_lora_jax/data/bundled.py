@@ -14,6 +14,15 @@ have something to specialise on:
 Every example has the fields instruction, input (possibly empty), output, task.
 The same seed gives byte-identical files; (instruction, input) pairs are unique
 across the three splits, so the test split measures generalisation, not recall.
+
+Other task lists (`tasks=`; the train config's data.bundled_tasks) draw from every family,
+including those outside the default six:
+
+    capital          "Name the capital of each country." / "Japan, Peru"  -> "Tokyo, Lima"
+
+KIND_TASKS = (capital, reverse, arithmetic) are three families that differ in kind: a
+knowledge lookup, a string manipulation and arithmetic (for routing specialisation studies).
+The default list's examples do not depend on the families added to the table.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from moe_lora_jax.atomic import atomic_dir
 from moe_lora_jax.errors import MoeLoraError
 
 TASKS = ("arithmetic", "sort", "reverse", "unit_conversion", "date", "word_count")
+KIND_TASKS = ("capital", "reverse", "arithmetic")
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZE = 10_000
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -60,6 +70,25 @@ _CONVERSIONS = (
     ("liters", "milliliters", 1000),
     ("dozen", "items", 12),
 )
+
+_CAPITALS = (
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"), ("Russia", "Moscow"), ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Argentina", "Buenos Aires"), ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"), ("Australia", "Canberra"), ("Greece", "Athens"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
+    ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Cuba", "Havana"),
+    ("Colombia", "Bogota"), ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"),
+    ("Switzerland", "Bern"), ("Brazil", "Brasilia"), ("Nigeria", "Abuja"), ("Morocco", "Rabat"), ("Indonesia", "Jakarta"),
+    ("South Korea", "Seoul"),
+)
+
+
+def _capital(rng: random.Random) -> tuple[str, str, str]:
+    pairs = rng.sample(_CAPITALS, rng.randint(1, 3))
+    instruction = rng.choice(("Name the capital of each country.", "Give the capital city of each country.",
+                              "What are the capitals of these countries?"))
+    return instruction, ", ".join(c for c, _ in pairs), ", ".join(cap for _, cap in pairs)
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
@@ -128,11 +157,26 @@ _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
     "unit_conversion": _unit_conversion,
     "date": _date,
     "word_count": _word_count,
+    "capital": _capital,
 }
 
 
+def check_tasks(tasks: tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The task list to generate (None: TASKS), refusing unknown or repeated names."""
+    if tasks is None:
+        return TASKS
+    tasks = tuple(str(t) for t in tasks)
+    unknown = [t for t in tasks if t not in _GENERATORS]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise MoeLoraError(
+            f"bundled tasks {list(tasks)}: name each at most once, some of {', '.join(_GENERATORS)} "
+            f"(default: {', '.join(TASKS)}; KIND_TASKS: {', '.join(KIND_TASKS)})"
+        )
+    return tasks
+
+
 @functools.lru_cache(maxsize=8)
-def _generate(seed: int, size: int) -> dict[str, tuple[dict[str, str], ...]]:
+def _generate(seed: int, size: int, tasks: tuple[str, ...] = TASKS) -> dict[str, tuple[dict[str, str], ...]]:
     if size < 30:
         raise MoeLoraError(f"bundled data size {size} is too small: use at least 30 examples (default {DEFAULT_SIZE})")
     rng = random.Random(seed)
@@ -143,7 +187,7 @@ def _generate(seed: int, size: int) -> dict[str, tuple[dict[str, str], ...]]:
         attempts += 1
         if attempts > 50 * size:  # pragma: no cover - the task space is far larger than any sensible size
             raise MoeLoraError(f"could not generate {size} distinct examples: use a smaller size")
-        task = TASKS[len(examples) % len(TASKS)]  # balanced families
+        task = tasks[len(examples) % len(tasks)]  # balanced families
         instruction, inp, out = _GENERATORS[task](rng)
         if (instruction, inp) in seen:
             continue
@@ -159,11 +203,13 @@ def _generate(seed: int, size: int) -> dict[str, tuple[dict[str, str], ...]]:
     }
 
 
-def load_bundled(split: str = "train", seed: int = 0, size: int = DEFAULT_SIZE) -> list[dict[str, str]]:
-    """One split of the bundled set, generated in memory (copies; callers may mutate them)."""
+def load_bundled(split: str = "train", seed: int = 0, size: int = DEFAULT_SIZE,
+                 tasks: tuple[str, ...] | list[str] | None = None) -> list[dict[str, str]]:
+    """One split of the bundled set, generated in memory (copies; callers may mutate them).
+    tasks: the families to draw from in turn (None: TASKS)."""
     if split not in SPLITS:
         raise MoeLoraError(f"unknown bundled split {split!r}: use one of {', '.join(SPLITS)}")
-    return [dict(e) for e in _generate(int(seed), int(size))[split]]
+    return [dict(e) for e in _generate(int(seed), int(size), check_tasks(tasks))[split]]
 
 
 def to_jsonl(examples: list[dict[str, str]]) -> str:

@@ -56,6 +56,7 @@ def load_records(
     bundled_seed: int = 0,
     bundled_size: int = 10_000,
     setting: str | None = None,
+    bundled_tasks: Sequence[str] | None = None,
 ) -> list[dict]:
     """Rows of one split as dicts.
 
@@ -66,7 +67,7 @@ def load_records(
     source came from in error messages (default: data.<split>).
     """
     if source is None:
-        return load_bundled(split, seed=bundled_seed, size=bundled_size)
+        return load_bundled(split, seed=bundled_seed, size=bundled_size, tasks=bundled_tasks)
     path = Path(source).expanduser()
     if path.is_dir():
         found = [path / f"{split}{ext}" for ext in FILE_FORMATS if (path / f"{split}{ext}").is_file()]
@@ -440,7 +441,8 @@ def make_train_data(
         "validation": data.validation if (data.validation is not None or not bundled) else None,
         "test": data.test if (data.test is not None or not bundled) else None,
     }
-    kwargs = dict(bundled_seed=data.bundled_seed, bundled_size=data.bundled_size)
+    kwargs = dict(bundled_seed=data.bundled_seed, bundled_size=data.bundled_size,
+                  bundled_tasks=getattr(data, "bundled_tasks", None))
     records = {"train": load_records(sources["train"], "train", **kwargs)}
     for split in ("validation", "test"):
         if sources[split] is not None or bundled:

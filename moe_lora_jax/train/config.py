@@ -64,6 +64,8 @@ class DataSection:
     bundled_size: int = 10000
     # LoRAMoE's task type: examples of these tasks are world knowledge (type 1), all others type 0.
     world_knowledge_tasks: tuple[str, ...] | None = None
+    # the bundled set's task families (null: its six; see moe_lora_jax.data.bundled, e.g. KIND_TASKS)
+    bundled_tasks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "max_len", "pad_multiple", "bucket_window", "bundled_size")
