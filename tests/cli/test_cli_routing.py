@@ -65,3 +65,24 @@ def test_routing_refuses_a_plain_lora_adapter(tmp_path, capsys, tiny_model_dir):
     save_adapter(tmp_path / "lora", init_adapter(model_config, ac), ac, model_config)
     assert main(["routing", "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "o")]) == 2
     assert "no routing analysis applies to method lora" in capsys.readouterr().err
+
+
+def test_the_sweep_hook_writes_the_applicable_analyses_once_and_reports_their_headlines(run_dir, tmp_path):
+    import shutil
+
+    from moe_lora_jax.sweep.analyses import run_analyses
+
+    run = tmp_path / "seed0"
+    shutil.copytree(run_dir, run)
+    ac = AdapterConfig(method="mola", num_experts=3, rank=4, target_modules=("q", "v"))
+    first = run_analyses(run, ac)
+    assert sorted(first) == ["expert_load", "expert_redundancy"]
+    load = json.loads((run / first["expert_load"]["json"]).read_text())
+    red = json.loads((run / first["expert_redundancy"]["json"]).read_text())
+    assert first["expert_load"]["task_separation"] == load["task_separation"] and 0 <= load["task_separation"] <= 1
+    assert first["expert_redundancy"]["mean_cosine_distance"] == red["mean_cosine_distance"]
+    assert (run / first["expert_load"]["png"]).read_bytes()[:8] == PNG_MAGIC
+    stamp = (run / "routing" / "expert_load.json").stat().st_mtime_ns
+    assert run_analyses(run, ac) == first  # a resumed study reads what is there
+    assert (run / "routing" / "expert_load.json").stat().st_mtime_ns == stamp
+    assert run_analyses(run, AdapterConfig(method="lora")) == {}  # nothing applies to plain LoRA
