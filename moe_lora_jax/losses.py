@@ -37,6 +37,40 @@ class RouterStat:
     gates: jax.Array | None
 
 
+@dataclass(frozen=True)
+class StackedRouterStat:
+    """The routers of one module across layers, stacked: layers (N layer indices), logits [N, ..., E]
+    and gates [N, ..., E] padded to the largest expert count E (logits -inf, gates 0 past each
+    layer's own count `num_experts[n]`). Vectorised consumers (routing metrics) use it so that
+    their cost does not grow with the number of routers."""
+
+    layers: tuple[int, ...]
+    module: str
+    logits: jax.Array
+    gates: jax.Array | None
+    num_experts: tuple[int, ...]
+
+
+def stack_router_stats(stats: list[RouterStat]) -> list[StackedRouterStat]:
+    """Group `stats` by module (and router shape) across layers and stack each group (see StackedRouterStat)."""
+    groups: dict[tuple, list[RouterStat]] = {}
+    for s in stats:
+        groups.setdefault((s.module, tuple(s.logits.shape[:-1]), s.gates is None), []).append(s)
+    out = []
+    for (module, _, no_gates), group in groups.items():
+        E = max(s.logits.shape[-1] for s in group)
+
+        def pad(x, value):
+            e = x.shape[-1]
+            return x if e == E else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, E - e)], constant_values=value)
+
+        logits = jnp.stack([pad(s.logits.astype(jnp.float32), -jnp.inf) for s in group])
+        gates = None if no_gates else jnp.stack([pad(s.gates, 0) for s in group])
+        out.append(StackedRouterStat(tuple(s.layer for s in group), module, logits, gates,
+                                     tuple(s.logits.shape[-1] for s in group)))
+    return out
+
+
 def _intermediates(tree: Mapping[str, Any]) -> Mapping[str, Any]:
     return tree["intermediates"] if "intermediates" in tree else tree
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_lora_jax.adapters.config import AdapterConfig
+from moe_lora_jax.model.stacking import LAYERS
 
 _EXPERT_BANK = ("molora", "loramoe", "mola")
 
@@ -98,6 +99,11 @@ def scan_plan(num_layers: int, ac: AdapterConfig | None) -> ScanPlan | None:
     return ScanPlan(ac.replace(allocation=padded), tuple(counts.items()), tuple(top_k.items()))
 
 
+def scans(config: Any, ac: AdapterConfig | None) -> bool:
+    """Whether a model of `config` (a LlamaConfig) with adapter `ac` runs its layers as one scan."""
+    return bool(config.scan_layers) and scan_plan(config.num_hidden_layers, ac) is not None
+
+
 def _stack_padded(trees: list[Any]) -> Any:
     """Stack per-layer trees leaf by leaf into [num_layers, ...], zero-padding each leaf to the largest shape."""
 
@@ -140,9 +146,10 @@ def run_scanned_layers(mdl: nn.Module, plan: ScanPlan, layer_cls: Any, x_BxLxD: 
     N = cfg.num_hidden_layers
     variables = nn.meta.unbox(mdl.variables)
     params = variables["params"]
-    base_N = _stack_padded([params[f"layers_{i}"] for i in range(N)])
+    base_N = params[LAYERS] if LAYERS in params else _stack_padded([params[f"layers_{i}"] for i in range(N)])
     adapter = variables.get("adapter", {})
-    adapter_N = _stack_padded([adapter[f"layers_{i}"] for i in range(N)]) if f"layers_0" in adapter else None
+    adapter_N = adapter[LAYERS] if LAYERS in adapter else (
+        _stack_padded([adapter[f"layers_{i}"] for i in range(N)]) if "layers_0" in adapter else None)
     valid = dict(plan.valid)
     xs: dict[str, Any] = {"base": base_N}
     if adapter_N is not None:
