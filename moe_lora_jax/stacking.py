@@ -9,7 +9,8 @@ per-layer trees (merge, spectral analysis, adapter I/O, Hugging Face export, che
 them back from `unstack_layers`. Leaves whose shapes differ between layers (adapters with
 per-layer expert counts) are zero-padded to the largest shape; `like` (the per-layer tree, or
 its shapes) crops them back. Leaves may be arrays, `jax.ShapeDtypeStruct`s or boxed
-`nn.Partitioned` values: a boxed leaf gains the logical axis name "layers" in front.
+`nn.Partitioned` values (a boxed leaf gains the logical axis name "layers" in front), or
+`NamedSharding`s (the stacked leaf's sharding: `layers` unsplit, as parallel/rules.py maps it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 LAYERS = "layers"
 _LAYER_KEY = re.compile(r"layers_(\d+)")
@@ -39,6 +41,8 @@ def is_stacked(tree: Any) -> bool:
 
 def _stack_leaves(*leaves: Any) -> Any:
     """One stacked leaf [N, ...] from N per-layer leaves, zero-padded to the largest shape."""
+    if isinstance(leaves[0], NamedSharding):  # the `layers` axis is not split (parallel/rules.py)
+        return NamedSharding(leaves[0].mesh, PartitionSpec(None, *leaves[0].spec))
     if isinstance(leaves[0], nn.Partitioned):
         box = leaves[0]
         value = _stack_leaves(*[x.value for x in leaves])

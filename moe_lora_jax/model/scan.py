@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_lora_jax.adapters.config import AdapterConfig
-from moe_lora_jax.model.stacking import LAYERS
+from moe_lora_jax.stacking import LAYERS
 
 _EXPERT_BANK = ("molora", "loramoe", "mola")
 

@@ -36,6 +36,8 @@ import numpy as np
 
 from moe_lora_jax.allocation.recipes import resolve_allocation
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.model.scan import scans
+from moe_lora_jax.stacking import stack_layers, unstack_layers
 from moe_lora_jax.train.config import TrainConfig, config_to_dict, save_resolved
 
 
@@ -189,6 +191,9 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
     model_config = model_config.replace(remat=config.model.remat, scan_layers=config.model.scan_layers)
     base = put_global(base, base_sh)
     ac = adapter_config_from(config.adapter, base, model_config, progress=progress)
+    if scans(model_config, ac):  # the scanned model reads the decoder layers stacked over `layers`, once
+        base_sh = stack_layers(base_sh)
+        base = jax.jit(stack_layers, out_shardings=base_sh)(base)
     objective = run_objective(config, ac.method)
     if objective.contrastive_coef:  # the contrastive loss reads every expert's output: the model sows them
         ac = ac.replace(sow_expert_outputs=True)
@@ -335,7 +340,7 @@ def _train(
 
     meta = {
         "base_model": str(run.model_path),
-        "base_fingerprint": base_fingerprint(run.base),
+        "base_fingerprint": base_fingerprint(unstack_layers(run.base)),  # per layer, as before stacking
         "adapter_config": ac.to_dict(),
         "objective": None if run.objective is None else run.objective.to_dict(),
         "train_config": config_to_dict(config),

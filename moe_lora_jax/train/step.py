@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_lora_jax.losses import router_stats, stack_router_stats, total_loss
 from moe_lora_jax.model.scan import scans
-from moe_lora_jax.model.stacking import LAYERS, map_layer_dicts, stack_layers, unstack_layers
+from moe_lora_jax.stacking import LAYERS, map_layer_dicts, stack_layers, unstack_layers
 from moe_lora_jax.parallel.mesh import BATCH_AXES
 from moe_lora_jax.parallel.rules import batch_sharding
 from moe_lora_jax.train.optim import path_str
@@ -287,7 +287,7 @@ def make_train_step(
 def _leaf_finite(tree: Any, like: Any = None) -> jax.Array:
     """bool [n_leaves]: whether each leaf of `tree` is all finite (integer leaves always are).
 
-    With `like` (the per-layer tree that `tree` holds stacked over layers, model/stacking.py) the
+    With `like` (the per-layer tree that `tree` holds stacked over layers, stacking.py) the
     answer is per leaf of `like`, in its order, read off the stacked leaves (one reduction per
     stacked leaf, the padding past each layer's own shape ignored)."""
     if like is None:
