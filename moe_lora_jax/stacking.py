@@ -79,11 +79,11 @@ def unstack_layers(tree: Mapping[str, Any], like: Mapping[str, Any] | None = Non
     n = len(layer_keys(like)) if like is not None else int(np.shape(leaves[0])[0]) if leaves else 0
     out = {k: v for k, v in tree.items() if k != LAYERS}
     for i in range(n):
-        layer = jax.tree_util.tree_map(lambda x: x[i], stacked)
-        if like is not None:
-            layer = jax.tree_util.tree_map(lambda x, ref: x[tuple(slice(0, d) for d in np.shape(ref))],
-                                           layer, like[f"layers_{i}"])
-        out[f"layers_{i}"] = layer
+        if like is None:
+            out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: x[i], stacked)
+        else:  # one slice per leaf: layer i, cropped to its own shape
+            out[f"layers_{i}"] = jax.tree_util.tree_map(
+                lambda x, ref: x[(i, *(slice(0, d) for d in np.shape(ref)))], stacked, like[f"layers_{i}"])
     return out
 
 

@@ -1,9 +1,9 @@
 """Scanned decoder layers: one `jax.lax.scan` over the layer body instead of a Python loop.
 
-The public parameter trees stay per layer (`layers_{i}/...`): loaders, converters, exports,
-merge and spectral analysis all read them. Inside the forward the per-layer base trees are
-stacked into [num_layers, ...] arrays and the adapter trees are padded to the largest
-per-layer shape and stacked the same way; the scan runs one layer body over them, and
+The scan reads the base and the adapter stacked over a leading `layers` axis
+(`moe_lora_jax.stacking`): the train loop and the inference loader store the base that way and
+the train step stacks the adapter once per step. Per-layer trees (`layers_{i}/...`) given to the
+forward are stacked here instead (the adapter padded to the largest per-layer shape), and
 gradients flow back through the pad and the stack to each layer's exact shapes.
 
 Layers whose expert counts differ (MoLA / AlphaLoRA allocations) run as E_max experts:
@@ -31,7 +31,16 @@ import numpy as np
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.stacking import LAYERS
 
-_EXPERT_BANK = ("molora", "loramoe", "mola")
+def _scan_kind(ac: AdapterConfig) -> str:
+    """How a method's layers scan (the only place that reads the method's name): "prompt_router"
+    (MiLoRA: one router per layer, same tree when the activation is), "shared" (the same tree in
+    every layer), "expert_bank" (per-layer expert counts padded), "per_layer_tree" (other routed
+    methods: scanned only when every layer has the same counts)."""
+    if ac.method == "milora":
+        return "prompt_router"
+    if ac.method in ("lora", "mixlora") or ac.allocation is None:
+        return "shared"
+    return "expert_bank" if ac.method in ("molora", "loramoe", "mola") else "per_layer_tree"
 
 
 class _PaddedAllocation:
@@ -79,15 +88,16 @@ def scan_plan(num_layers: int, ac: AdapterConfig | None) -> ScanPlan | None:
     """How the layers scan under `ac`, or None when they must stay unrolled (see the module doc)."""
     if ac is None:
         return ScanPlan(None)
-    if ac.method == "milora":
+    kind = _scan_kind(ac)
+    if kind == "prompt_router":
         if ac.milora_activation_at(0, num_layers) != ac.milora_activation_at(num_layers - 1, num_layers):
             return None
         return ScanPlan(ac)
-    if ac.method in ("lora", "mixlora") or ac.allocation is None:
+    if kind == "shared":
         return ScanPlan(ac)
     targets = [t for t in ac.targets if t in ("q", "k", "v", "o", "gate", "up", "down", "ffn")]
     counts = {t: ac.expert_counts(t, num_layers) for t in targets}
-    if ac.method not in _EXPERT_BANK:
+    if kind != "expert_bank":
         if all(len(set(c)) == 1 for c in counts.values()):
             return ScanPlan(ac)
         return None
