@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_overrides
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.train.checkpoint import CheckpointStore, all_finite
 from moe_lora_jax.train.loop import train
