@@ -158,8 +158,10 @@ def run_scanned_layers(mdl: nn.Module, plan: ScanPlan, layer_cls: Any, x_BxLxD: 
     params = variables["params"]
     base_N = params[LAYERS] if LAYERS in params else _stack_padded([params[f"layers_{i}"] for i in range(N)])
     adapter = variables.get("adapter", {})
-    adapter_N = adapter[LAYERS] if LAYERS in adapter else (
-        _stack_padded([adapter[f"layers_{i}"] for i in range(N)]) if "layers_0" in adapter else None)
+    reused = ctx is not None and ctx.routing_BxNxM is not None  # MiLoRA decode steps: the routers are not run
+    drop = lambda layer: {k: v for k, v in layer.items() if not (reused and k == "milora_router")}  # noqa: E731
+    adapter_N = drop(adapter[LAYERS]) if LAYERS in adapter else (
+        _stack_padded([drop(adapter[f"layers_{i}"]) for i in range(N)]) if "layers_0" in adapter else None)
     valid = dict(plan.valid)
     xs: dict[str, Any] = {"base": base_N}
     if adapter_N is not None:
