@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def compile_seconds(layers: int, scan: bool, batch: int, length: int) -> float:
+def compile_seconds(layers: int, scan: bool, batch: int, length: int) -> dict[str, float]:
+    """{"lower": s, "compile": s, "hlo_lines": lines of the lowered StableHLO} of the step."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -52,9 +53,16 @@ def compile_seconds(layers: int, scan: bool, batch: int, length: int) -> float:
     batch = {"input_ids": jax.ShapeDtypeStruct((batch, length), jnp.int32),
              "attention_mask": jax.ShapeDtypeStruct((batch, length), jnp.int32)}
     step = make_train_step(model, ac, optimizer, deterministic=True)
+    if scan:  # as build_run stores it: the base stacked over layers once, not in every step
+        from moe_lora_jax.stacking import stack_layers
+
+        shapes = dict(shapes, params=stack_layers(shapes["params"]))
     t0 = time.perf_counter()
-    jax.jit(step, donate_argnums=0).lower(state, shapes["params"], batch).compile()
-    return time.perf_counter() - t0
+    lowered = jax.jit(step, donate_argnums=0).lower(state, shapes["params"], batch)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return {"lower": t1 - t0, "compile": t2 - t1, "hlo_lines": lowered.as_text().count("\n")}
 
 
 def main() -> None:
@@ -63,29 +71,35 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=96)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--scanned-only", action="store_true", help="skip the unrolled compiles (minutes each)")
     parser.add_argument("--child", nargs=2, type=int, default=None, help=argparse.SUPPRESS)  # layers, scan
     args = parser.parse_args()
     if args.child:
-        print("SECONDS", json.dumps(compile_seconds(args.child[0], bool(args.child[1]), args.batch, args.length)))
+        print("RESULT", json.dumps(compile_seconds(args.child[0], bool(args.child[1]), args.batch, args.length)))
         return
     import jax
 
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results: dict[tuple[int, bool], float] = {}
+    parts: dict[tuple[int, bool], dict[str, float]] = {}
     load_before = os.getloadavg()
     for layers in args.layers:
-        for scan in (False, True):
+        for scan in (True,) if args.scanned_only else (False, True):
             out = subprocess.run([sys.executable, __file__, "--child", str(layers), str(int(scan)),
                                   "--batch", str(args.batch), "--length", str(args.length)],
                                  capture_output=True, text=True, check=True, env=env).stdout
-            results[layers, scan] = float(next(ln.split()[1] for ln in out.splitlines() if ln.startswith("SECONDS")))
-            print(f"layers={layers} scan={scan}: {results[layers, scan]:.1f} s", flush=True)
+            parts[layers, scan] = json.loads(next(ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith("RESULT")))
+            results[layers, scan] = parts[layers, scan]["lower"] + parts[layers, scan]["compile"]
+            print(f"layers={layers} scan={scan}: {parts[layers, scan]}", flush=True)
     load_after = os.getloadavg()
     lo, hi = min(args.layers), max(args.layers)
-    rows = ["| layers | unrolled (s) | scanned (s) | unrolled / scanned |", "|---:|---:|---:|---:|"]
+    rows = ["| layers | layout | lower (s) | compile (s) | total (s) | StableHLO lines |", "|---:|---|---:|---:|---:|---:|"]
     for layers in args.layers:
-        u, s = results[layers, False], results[layers, True]
-        rows.append(f"| {layers} | {u:.1f} | {s:.1f} | {u / s:.1f}x |")
+        for scan in (False, True):
+            if (layers, scan) in parts:
+                p = parts[layers, scan]
+                rows.append(f"| {layers} | {'scanned' if scan else 'unrolled'} | {p['lower']:.1f} | {p['compile']:.1f} | "
+                            f"{results[layers, scan]:.1f} | {int(p['hlo_lines'])} |")
     text = "\n".join([
         "# Compile time: unrolled vs scanned decoder layers",
         "",
@@ -95,13 +109,13 @@ def main() -> None:
         f"after: {load_after[0]:.1f} {load_after[1]:.1f} {load_after[2]:.1f} (a shared machine: absolute seconds are "
         "inflated, the ratios measured side by side are what count).",
         "",
-        f"MoLA train step (forward, backward w.r.t. the adapter, AdamW), all seven linears, 2468 allocation, rank 8, "
+        f"MoLA train step (forward, backward w.r.t. the adapter, Switch term, routing metrics, AdamW), all seven linears, 2468 allocation, rank 8, "
         f"batch {args.batch} x {args.length}, SmolLM2-135M shapes.",
         "",
         *rows,
         "",
-        f"Growth from {lo} to {hi} layers: unrolled {results[hi, False] / results[lo, False]:.2f}x, "
-        f"scanned {results[hi, True] / results[lo, True]:.2f}x.",
+        f"Growth from {lo} to {hi} layers (total seconds): scanned {results[hi, True] / results[lo, True]:.2f}x"
+        + (f", unrolled {results[hi, False] / results[lo, False]:.2f}x." if (lo, False) in results else "."),
         "",
     ])
     print(text)

@@ -75,8 +75,8 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: bool = False
     # Run the decoder layers as one jax.lax.scan over stacked per-layer weights (model/scan.py):
-    # compile time stops growing with depth. The parameter trees stay per layer either way.
-    scan_layers: bool = False
+    # compile time stops growing with depth. False: the unrolled Python loop (same numbers).
+    scan_layers: bool = True
 
     def __post_init__(self) -> None:
         _check_dims(self)

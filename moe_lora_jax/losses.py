@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from moe_lora_jax.adapters.layers import topk_mask
@@ -37,6 +38,40 @@ class RouterStat:
     module: str
     logits: jax.Array
     gates: jax.Array | None
+
+
+@dataclass(frozen=True)
+class StackedRouterStat:
+    """The routers of one module across layers, stacked: layers (N layer indices), logits [N, ..., E]
+    and gates [N, ..., E] padded to the largest expert count E (logits -inf, gates 0 past each
+    layer's own count `num_experts[n]`). Vectorised consumers (routing metrics) use it so that
+    their cost does not grow with the number of routers."""
+
+    layers: tuple[int, ...]
+    module: str
+    logits: jax.Array
+    gates: jax.Array | None
+    num_experts: tuple[int, ...]
+
+
+def stack_router_stats(stats: list[RouterStat]) -> list[StackedRouterStat]:
+    """Group `stats` by module (and router shape) across layers and stack each group (see StackedRouterStat)."""
+    groups: dict[tuple, list[RouterStat]] = {}
+    for s in stats:
+        groups.setdefault((s.module, tuple(s.logits.shape[:-1]), s.gates is None), []).append(s)
+    out = []
+    for (module, _, no_gates), group in groups.items():
+        E = max(s.logits.shape[-1] for s in group)
+
+        def pad(x, value):
+            e = x.shape[-1]
+            return x if e == E else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, E - e)], constant_values=value)
+
+        logits = jnp.stack([pad(s.logits.astype(jnp.float32), -jnp.inf) for s in group])
+        gates = None if no_gates else jnp.stack([pad(s.gates, 0) for s in group])
+        out.append(StackedRouterStat(tuple(s.layer for s in group), module, logits, gates,
+                                     tuple(s.logits.shape[-1] for s in group)))
+    return out
 
 
 def _intermediates(tree: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -109,19 +144,39 @@ def cross_entropy(logits_BxLxV: jax.Array, input_ids_BxL: jax.Array, loss_mask_B
 def switch_aux_mola(stats: list[RouterStat], top_k: int | Callable[[RouterStat, int], int], mask_BxL: jax.Array | None = None):
     """Switch aux in MoLA's form: per layer (the layer's routers with the same expert count
     concatenated as tokens), E * sum_i f_i P_i with f_i the share of top-k assignments
-    that go to expert i and P_i the mean router probability; summed over layers."""
-    groups: dict[tuple[int, int, int], list[RouterStat]] = {}
-    for s in stats:
-        E = s.logits.shape[-1]
-        groups.setdefault((s.layer, E, _stat_k(top_k, s, E)), []).append(s)
-    total = jnp.zeros((), jnp.float32)
-    for (_, E, k), group in sorted(groups.items()):
-        probs = jnp.concatenate([jax.nn.softmax(s.logits.reshape(-1, E).astype(jnp.float32), -1) for s in group])
-        w = jnp.concatenate([_token_weights(s.logits, mask_BxL) for s in group])
-        sel = _topk_onehot(probs, k) * w[:, None]
-        f = jnp.sum(sel, 0) / jnp.maximum(jnp.sum(sel), _EPS)
-        p = jnp.sum(probs * w[:, None], 0) / jnp.maximum(jnp.sum(w), _EPS)
-        total = total + E * jnp.sum(f * p)
+    that go to expert i and P_i the mean router probability; summed over layers.
+
+    Computed for all layers of a module at once on its stacked statistics (`stack_router_stats`;
+    padded experts have probability 0 and are never selected), then summed into the groups."""
+    groups: dict[tuple[int, int, int], int] = {}  # (layer, E, k) -> group index
+    parts = []
+    for g in stack_router_stats(stats):
+        N, E_max = g.logits.shape[0], g.logits.shape[-1]
+        k = np.array([_stat_k(top_k, RouterStat(layer, g.module, g.logits[0], None), E)
+                      for layer, E in zip(g.layers, g.num_experts)])
+        probs = jax.nn.softmax(g.logits.reshape(N, -1, E_max), -1)
+        w = _token_weights(g.logits[0], mask_BxL)  # the same tokens for every layer
+        _, chosen = jax.lax.top_k(probs, int(k.max()))
+        keep = (np.arange(int(k.max()))[None, :] < k[:, None]).astype(np.float32)
+        sel = jnp.sum(jax.nn.one_hot(chosen, E_max, dtype=jnp.float32) * keep[:, None, :, None], axis=2) * w[None, :, None]
+        ids = np.array([groups.setdefault((layer, E, int(kk)), len(groups)) for layer, E, kk in zip(g.layers, g.num_experts, k)])
+        parts.append((ids, jnp.sum(sel, 1), jnp.sum(probs * w[None, :, None], 1), jnp.sum(w)))
+    if not groups:
+        return jnp.zeros((), jnp.float32), {"switch_aux": jnp.zeros((), jnp.float32)}
+    E_all = max(p[1].shape[-1] for p in parts)
+    G = len(groups)
+    sel_G = jnp.zeros((G, E_all), jnp.float32)
+    prob_G = jnp.zeros((G, E_all), jnp.float32)
+    w_G = jnp.zeros((G,), jnp.float32)
+    for ids, sel_sum, prob_sum, w_sum in parts:
+        pad = [(0, 0), (0, E_all - sel_sum.shape[-1])]
+        sel_G = sel_G.at[ids].add(jnp.pad(sel_sum, pad))
+        prob_G = prob_G.at[ids].add(jnp.pad(prob_sum, pad))
+        w_G = w_G.at[ids].add(w_sum)
+    f = sel_G / jnp.maximum(jnp.sum(sel_G, -1, keepdims=True), _EPS)
+    p = prob_G / jnp.maximum(w_G, _EPS)[:, None]
+    E_G = np.array([E for (_, E, _) in sorted(groups, key=groups.get)], np.float32)
+    total = jnp.sum(E_G * jnp.sum(f * p, -1))
     return total, {"switch_aux": total}
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from moe_lora_jax import layout
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.stacking import unstack_layers
 
 
 def _layer_names(params: Mapping[str, Any]) -> list[str]:
@@ -47,7 +48,7 @@ def merge_lora(params: Mapping[str, Any], adapter: Mapping[str, Any], adapter_co
     import flax.linen as nn
     from flax.core import unfreeze
 
-    merged = unfreeze(nn.unbox(params))  # new nested dicts sharing the (immutable) leaves
+    merged = unstack_layers(unfreeze(nn.unbox(params)))  # new nested dicts sharing the (immutable) leaves
     adapter = nn.unbox(adapter)
     scale = adapter_config.scale
     for layer in _layer_names(merged):

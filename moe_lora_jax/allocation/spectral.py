@@ -47,6 +47,7 @@ import numpy as np
 from moe_lora_jax import layout
 from moe_lora_jax.allocation.allocation import ALL_MODULES
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.stacking import unstack_layers
 
 ESTIMATORS = ("median", "fix-finger", "ks")
 FIX_FINGER_RANGES = ("quirk", "corrected")
@@ -370,6 +371,7 @@ def target_matrices(params: Mapping[str, Any], modules: Sequence[str] = ALL_MODU
         params = params["params"]  # a Flax variables dict
     if not isinstance(params, Mapping):
         raise MoeLoraError(f"params is a {type(params).__name__}: pass the params dict returned by load_hf_llama")
+    params = unstack_layers(params)  # layers stacked for the scanned model: per layer again
     unknown = [m for m in modules if m not in layout.ALL]
     if unknown:
         raise MoeLoraError(f"unknown target modules {unknown}: choose from {', '.join(ALL_MODULES)}")

@@ -12,6 +12,8 @@ from moe_lora_jax.config import LlamaConfig
 from moe_lora_jax.convert.load import load_llama, load_llama_config
 from moe_lora_jax.embedded import resolve_model_path
 from moe_lora_jax.model import LlamaForCausalLM
+from moe_lora_jax.model.scan import scans
+from moe_lora_jax.stacking import stack_layers
 
 
 def load_model(model: str | os.PathLike | None, *, progress: bool = True, **kwargs: Any) -> tuple[Path, LlamaConfig, Any]:
@@ -37,8 +39,10 @@ def load_model_and_adapter(
         if merge and not adapter_config.spec.mergeable:
             merge_lora({}, adapter, adapter_config)  # raises the one-line refusal
     config, params = load_llama(path, progress=progress)
+    if merge:
+        params, adapter_config = merge_lora(params, adapter, adapter_config), None
+    if scans(config, adapter_config):  # the scanned model reads the decoder layers stacked over `layers`
+        params = stack_layers(params)
     if adapter_config is None:
         return path, config, LlamaForCausalLM(config), {"params": params}
-    if merge:
-        return path, config, LlamaForCausalLM(config), {"params": merge_lora(params, adapter, adapter_config)}
     return path, config, LlamaForCausalLM(config, adapter_config), {"params": params, "adapter": adapter}

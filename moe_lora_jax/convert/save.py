@@ -15,6 +15,7 @@ from moe_lora_jax.atomic import atomic_dir
 from moe_lora_jax.config import LlamaConfig
 from moe_lora_jax.convert.names import get_path, iter_paths, tensor_specs
 from moe_lora_jax.errors import MoeLoraError
+from moe_lora_jax.stacking import unstack_layers
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -32,6 +33,7 @@ def save_hf_llama(
     Shapes and finiteness are checked before anything is written; the directory
     appears only when complete, and an existing non-empty one is never touched.
     """
+    params = unstack_layers(params)  # layers stacked for the scanned model: per layer again
     specs = tensor_specs(config)
     expected = {spec.path for spec in specs}
     unexpected = sorted(set(iter_paths(dict(params))) - expected)

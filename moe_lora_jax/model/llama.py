@@ -308,6 +308,9 @@ class LlamaForCausalLM(nn.Module):
             x_BxLxD, new_k, new_v, gates = run_scanned_layers(
                 self, plan, DecoderLayer, x_BxLxD, cos_sin, mask_Bx1xLxS, cache, start, ctx, deterministic
             )
+        if plan is None and not self.is_initializing() and "layers" in self.variables.get("params", {}):
+            raise ValueError("params hold the layers stacked (stacking.stack_layers) but this model runs them "
+                             "unrolled: pass unstack_layers(params), or set scan_layers")
         for i in range(0 if plan is not None else cfg.num_hidden_layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], start)
             x_BxLxD, layer_kv, layer_gates = layer_cls(cfg, i, ac, name=f"layers_{i}")(

@@ -1,9 +1,9 @@
 """Scanned decoder layers: one `jax.lax.scan` over the layer body instead of a Python loop.
 
-The public parameter trees stay per layer (`layers_{i}/...`): loaders, converters, exports,
-merge and spectral analysis all read them. Inside the forward the per-layer base trees are
-stacked into [num_layers, ...] arrays and the adapter trees are padded to the largest
-per-layer shape and stacked the same way; the scan runs one layer body over them, and
+The scan reads the base and the adapter stacked over a leading `layers` axis
+(`moe_lora_jax.stacking`): the train loop and the inference loader store the base that way and
+the train step stacks the adapter once per step. Per-layer trees (`layers_{i}/...`) given to the
+forward are stacked here instead (the adapter padded to the largest per-layer shape), and
 gradients flow back through the pad and the stack to each layer's exact shapes.
 
 Layers whose expert counts differ (MoLA / AlphaLoRA allocations) run as E_max experts:
@@ -29,8 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_lora_jax.adapters.config import AdapterConfig
+from moe_lora_jax.adapters.registry import get_method
+from moe_lora_jax.stacking import LAYERS
 
-_EXPERT_BANK = ("molora", "loramoe", "mola")
+def _scan_kind(ac: AdapterConfig) -> str:
+    """How a method's layers scan, from its registry facts: "uniform_check" (a per-layer router such as
+    MiLoRA's, or per-layer parameter trees that scan only when every layer's tree is the same: the
+    method's `uniform_layer_params`), "shared" (the same tree in every layer), "expert_bank"
+    (per-layer expert counts padded to the largest)."""
+    spec = get_method(ac.method)
+    if spec.layer_router is not None:
+        return "uniform_check"
+    if not spec.uses_allocation or ac.allocation is None:
+        return "shared"
+    return "expert_bank" if spec.expert_bank else "uniform_check"
 
 
 class _PaddedAllocation:
@@ -78,24 +90,24 @@ def scan_plan(num_layers: int, ac: AdapterConfig | None) -> ScanPlan | None:
     """How the layers scan under `ac`, or None when they must stay unrolled (see the module doc)."""
     if ac is None:
         return ScanPlan(None)
-    if ac.method == "milora":
-        if ac.milora_activation_at(0, num_layers) != ac.milora_activation_at(num_layers - 1, num_layers):
-            return None
+    kind = _scan_kind(ac)
+    if kind == "shared":
         return ScanPlan(ac)
-    if ac.method in ("lora", "mixlora") or ac.allocation is None:
-        return ScanPlan(ac)
+    if kind == "uniform_check":
+        return ScanPlan(ac) if get_method(ac.method).layers_uniform(ac, num_layers) else None
     targets = list(ac.targets)  # AdapterConfig admits only the table's linears (moe_lora_jax.layout) and MoV's "ffn"
     counts = {t: ac.expert_counts(t, num_layers) for t in targets}
-    if ac.method not in _EXPERT_BANK:
-        if all(len(set(c)) == 1 for c in counts.values()):
-            return ScanPlan(ac)
-        return None
     top_k = {t: tuple(ac.layer_top_k(t, i, counts[t][i]) for i in range(num_layers)) for t in targets}
     padded = _PaddedAllocation(
         {t: (max(c),) * num_layers for t, c in counts.items()},
         {t: (max(k),) * num_layers for t, k in top_k.items()},
     )
     return ScanPlan(ac.replace(allocation=padded), tuple(counts.items()), tuple(top_k.items()))
+
+
+def scans(config: Any, ac: AdapterConfig | None) -> bool:
+    """Whether a model of `config` (a LlamaConfig) with adapter `ac` runs its layers as one scan."""
+    return bool(config.scan_layers) and scan_plan(config.num_hidden_layers, ac) is not None
 
 
 def _stack_padded(trees: list[Any]) -> Any:
@@ -140,9 +152,12 @@ def run_scanned_layers(mdl: nn.Module, plan: ScanPlan, layer_cls: Any, x_BxLxD: 
     N = cfg.num_hidden_layers
     variables = nn.meta.unbox(mdl.variables)
     params = variables["params"]
-    base_N = _stack_padded([params[f"layers_{i}"] for i in range(N)])
+    base_N = params[LAYERS] if LAYERS in params else _stack_padded([params[f"layers_{i}"] for i in range(N)])
     adapter = variables.get("adapter", {})
-    adapter_N = _stack_padded([adapter[f"layers_{i}"] for i in range(N)]) if f"layers_0" in adapter else None
+    reused = ctx is not None and ctx.routing_BxNxM is not None  # MiLoRA decode steps: the routers are not run
+    drop = lambda layer: {k: v for k, v in layer.items() if not (reused and k == "milora_router")}  # noqa: E731
+    adapter_N = drop(adapter[LAYERS]) if LAYERS in adapter else (
+        _stack_padded([drop(adapter[f"layers_{i}"]) for i in range(N)]) if "layers_0" in adapter else None)
     valid = dict(plan.valid)
     xs: dict[str, Any] = {"base": base_N}
     if adapter_N is not None:

@@ -36,7 +36,7 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat: bool = False
-    scan_layers: bool = False  # one lax.scan over the decoder layers (LlamaConfig.scan_layers): compile time flat in depth
+    scan_layers: bool = True  # one lax.scan over the decoder layers (LlamaConfig.scan_layers): compile time flat in depth
 
 
 @dataclass(frozen=True)

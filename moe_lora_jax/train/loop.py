@@ -45,10 +45,12 @@ from moe_lora_jax.data import eval_batches, make_train_data, task_type_table
 from moe_lora_jax.embedded import resolve_model_path
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.model import LlamaForCausalLM
+from moe_lora_jax.model.scan import scans
 from moe_lora_jax.objective import OBJECTIVE_FIELDS, resolve_objective
 from moe_lora_jax.parallel.mesh import data_parallel_size, make_mesh
 from moe_lora_jax.parallel.multihost import is_main_process
 from moe_lora_jax.parallel.rules import param_shardings, put_global, shard_batch
+from moe_lora_jax.stacking import stack_layers, unstack_layers
 from moe_lora_jax.tokenizer import load_tokenizer
 from moe_lora_jax.train.checkpoint import CheckpointStore, base_fingerprint, resume_changes
 from moe_lora_jax.train.config import TrainConfig, config_to_dict, save_resolved
@@ -188,6 +190,9 @@ def build_run(config: TrainConfig, *, progress: bool = True) -> Run:
     model_config, base = load_llama(path, shardings=base_sh, progress=progress and jax.process_index() == 0, **overrides)
     model_config = model_config.replace(remat=config.model.remat, scan_layers=config.model.scan_layers)
     ac = adapter_config_from(config.adapter, base, model_config, progress=progress)
+    if scans(model_config, ac):  # the scanned model reads the decoder layers stacked over `layers`, once
+        base_sh = stack_layers(base_sh)
+        base = jax.jit(stack_layers, out_shardings=base_sh)(base)
     objective = run_objective(config, ac.method)
     if objective.contrastive_coef:  # the contrastive loss reads every expert's output: the model sows them
         ac = ac.replace(sow_expert_outputs=True)
@@ -319,7 +324,7 @@ def _train(
 
     meta = {
         "base_model": str(run.model_path),
-        "base_fingerprint": base_fingerprint(run.base),
+        "base_fingerprint": base_fingerprint(unstack_layers(run.base)),  # per layer, as before stacking
         "adapter_config": ac.to_dict(),
         "objective": None if run.objective is None else run.objective.to_dict(),
         "train_config": config_to_dict(config),

@@ -62,7 +62,8 @@ def decay_mask(params: Any, no_decay_patterns: tuple[str, ...]) -> Any:
 
     def decays(path, leaf) -> bool:
         s = path_str(path)
-        return getattr(leaf, "ndim", 0) >= 2 and not any(p.search(s) for p in compiled)
+        ndim = getattr(leaf, "ndim", 0) - any(getattr(k, "key", None) == "layers" for k in path)  # stacked over layers
+        return ndim >= 2 and not any(p.search(s) for p in compiled)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

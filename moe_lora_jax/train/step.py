@@ -44,10 +44,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_lora_jax.adapters.registry import STATS_PREFIX, get_method
-from moe_lora_jax.losses import RouterStat, _layer_top_k, _stat_k, router_stats, total_loss
+from moe_lora_jax.losses import RouterStat, _layer_top_k, _stat_k, router_stats, stack_router_stats, total_loss
+from moe_lora_jax.model.scan import scans
 from moe_lora_jax.parallel.mesh import BATCH_AXES
 from moe_lora_jax.parallel.rules import batch_sharding
-from moe_lora_jax.train.metrics import routing_stats
+from moe_lora_jax.stacking import LAYERS, map_layer_dicts, stack_layers, unstack_layers
 from moe_lora_jax.train.optim import path_str
 from moe_lora_jax.train.state import TrainState
 
@@ -77,6 +78,9 @@ def prompt_mask(batch: Batch) -> jax.Array | None:
     return not_response if attn is None else not_response & (jnp.asarray(attn) != 0)
 
 
+_ROUTING_STATS = ("entropy", "entropy_norm", "load_max", "load_min", "load_cv2")
+
+
 def routing_metrics(
     intermediates: Mapping[str, Any] | None, attention_mask: jax.Array | None, top_k: int | Callable[[RouterStat, int], int]
 ) -> dict[str, jax.Array]:
@@ -84,29 +88,73 @@ def routing_metrics(
 
     The load counts each router's own top-k selections: `top_k` is one int for every router (capped by its
     expert count) or a function (stat, num_experts) -> k, as the Switch terms take it (`losses._layer_top_k`:
-    a MoLA / AlphaLoRA Allocation's per-layer top-k)."""
+    a MoLA / AlphaLoRA Allocation's per-layer top-k).
+
+    `train.metrics.routing_stats` of every router, computed for all layers of a module at once on
+    its stacked statistics (`losses.stack_router_stats`), so the step's size does not grow with
+    the number of routers."""
     if not intermediates:
         return {}
     stats = [s for kind in STATS_PREFIX.values() for s in router_stats(intermediates, kind)]
-    per_layer: dict[int, list[dict[str, jax.Array]]] = {}
-    for s in stats:
-        probs = jax.nn.softmax(s.logits.astype(jnp.float32), axis=-1)
-        mask = attention_mask if (attention_mask is not None and probs.shape[:2] == attention_mask.shape) else None
-        E = probs.shape[-1]
-        per_layer.setdefault(s.layer, []).append(routing_stats(probs, mask, _stat_k(top_k, s, E), prefix="r"))
+    if not stats:
+        return {}
+    layers = sorted({s.layer for s in stats})
+    row = {layer: i for i, layer in enumerate(layers)}
+    E_max = max(s.logits.shape[-1] for s in stats)
+    sums = {stat: jnp.zeros((len(layers),), jnp.float32) for stat in _ROUTING_STATS}
+    load_sum = jnp.zeros((len(layers), E_max), jnp.float32)
+    n_routers = np.zeros(len(layers))
+    counts: dict[int, set[int]] = {}
+    for g in stack_router_stats(stats):
+        values = _stacked_routing_stats(g, attention_mask, top_k)
+        idx = np.array([row[layer] for layer in g.layers])
+        for stat in _ROUTING_STATS:
+            sums[stat] = sums[stat].at[idx].add(values[stat])
+        load = values["load"]
+        load_sum = load_sum.at[idx].add(jnp.pad(load, [(0, 0), (0, E_max - load.shape[-1])]))
+        n_routers[idx] += 1
+        for layer, E in zip(g.layers, g.num_experts):
+            counts.setdefault(layer, set()).add(E)
+    means = {stat: sums[stat] / n_routers for stat in _ROUTING_STATS}
+    load_mean = load_sum / n_routers[:, None]
     out: dict[str, jax.Array] = {}
-    means: dict[str, list[jax.Array]] = {}
-    for layer, rows in sorted(per_layer.items()):
-        for stat in ("entropy", "entropy_norm", "load_max", "load_min", "load_cv2"):
-            value = jnp.mean(jnp.stack([r[f"r/{stat}"] for r in rows]))
-            out[f"router/layer_{layer}/{stat}"] = value
-            means.setdefault(stat, []).append(value)
-        loads = [r["r/load"] for r in rows]
-        if len({l.shape for l in loads}) == 1:
-            out[f"router/layer_{layer}/load"] = jnp.mean(jnp.stack(loads), axis=0)
-    for stat, values in means.items():
-        out[f"router/mean/{stat}"] = jnp.mean(jnp.stack(values))
+    for layer, i in row.items():
+        for stat in _ROUTING_STATS:
+            out[f"router/layer_{layer}/{stat}"] = means[stat][i]
+        if len(counts[layer]) == 1:
+            out[f"router/layer_{layer}/load"] = load_mean[i, : next(iter(counts[layer]))]
+    for stat in _ROUTING_STATS:
+        out[f"router/mean/{stat}"] = jnp.mean(means[stat])
     return out
+
+
+def _stacked_routing_stats(g: Any, attention_mask: jax.Array | None, top_k: Any) -> dict[str, jax.Array]:
+    """`train.metrics.routing_stats` of each of the stacked routers in `g` (a StackedRouterStat):
+    [N] per statistic and load [N, E]; the padded experts take no part."""
+    N, E = g.logits.shape[0], g.logits.shape[-1]
+    probs = jax.nn.softmax(g.logits.astype(jnp.float32), axis=-1)
+    use_mask = attention_mask is not None and probs.shape[1:-1] == attention_mask.shape
+    probs = probs.reshape(N, -1, E)
+    mask_T = jnp.asarray(attention_mask, jnp.float32).reshape(-1) if use_mask else jnp.ones((probs.shape[1],), jnp.float32)
+    num = np.array(g.num_experts)
+    valid = np.arange(E)[None, :] < num[:, None]  # [N, E]
+    k = np.array([_stat_k(top_k, RouterStat(layer, g.module, g.logits[0], None), E) for layer, E in zip(g.layers, g.num_experts)])
+    _, chosen = jax.lax.top_k(probs, int(k.max()))  # [N, T, k_max]
+    keep = (np.arange(int(k.max()))[None, :] < k[:, None]).astype(np.float32)  # ranks past each layer's k
+    counts = jnp.sum(jax.nn.one_hot(chosen, E) * keep[:, None, :, None] * mask_T[None, :, None, None], axis=(1, 2))
+    load = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+    ent_T = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
+    ent = jnp.sum(ent_T * mask_T, axis=-1) / jnp.maximum(jnp.sum(mask_T), 1.0)
+    mean = jnp.sum(load, axis=-1) / num
+    var = jnp.sum(jnp.where(valid, (load - mean[:, None]) ** 2, 0.0), axis=-1) / num
+    return {
+        "entropy": ent,
+        "entropy_norm": jnp.where(num > 1, ent / np.log(np.maximum(num, 2)), 0.0),
+        "load_max": jnp.max(jnp.where(valid, load, -jnp.inf), axis=-1),
+        "load_min": jnp.min(jnp.where(valid, load, jnp.inf), axis=-1),
+        "load_cv2": var / jnp.maximum(mean * mean, 1e-12),
+        "load": load,
+    }
 
 
 def _split_micro(batch: Batch, grad_accum: int, mesh: Mesh | None) -> dict[str, jax.Array]:
@@ -166,19 +214,24 @@ def make_train_step(
         return objective, (dict(metrics), extra)
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+    # With scanned layers the step runs on the adapter and optimizer state stacked over layers (padded
+    # where expert counts differ): the model scans them as they are and the optimizer updates a few
+    # stacked leaves instead of one per layer, which is most of the step's compile time on deep models.
+    # The state keeps each layer's exact shapes (stacked on entry, cropped back on exit).
+    stacked = scans(model.config, adapter_config) if hasattr(model, "config") else False
 
-    def _apply_update(operands):
+    def _apply_update(operands, like):
         adapter, opt_state, grads = operands
         updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
         new_adapter = optax.apply_updates(adapter, updates)
         # Finite gradients can still give a non-finite update (lr=NaN, eps=0 on a zero gradient,
         # a second moment that overflows): keep the old state then. One reduction per leaf.
-        adapter_ok, opt_ok = _leaf_finite(new_adapter), _leaf_finite(new_opt_state)
+        adapter_ok, opt_ok = _leaf_finite(new_adapter, like[0]), _leaf_finite(new_opt_state, like[1])
         good = jnp.all(adapter_ok) & jnp.all(opt_ok)
         kept = jax.lax.cond(good, lambda o: o[:2], lambda o: o[2:], (new_adapter, new_opt_state, adapter, opt_state))
         return kept, jnp.stack([~jnp.all(adapter_ok), ~jnp.all(opt_ok)]), jnp.stack([_first_false(adapter_ok), _first_false(opt_ok)])
 
-    def _skip_update(operands):
+    def _skip_update(operands, like):
         none = jnp.full((2,), -1, jnp.int32)
         return operands[:2], jnp.zeros((2,), bool), none
 
@@ -186,17 +239,21 @@ def make_train_step(
         batch = dict(batch)
         n_total = response_tokens(batch)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        like = (state.adapter, state.opt_state) if stacked else (None, None)  # per-layer shapes and leaf order
+        adapter, opt_state = state.adapter, state.opt_state
+        if stacked:
+            adapter, opt_state = stack_layers(adapter), map_layer_dicts(stack_layers, opt_state)
         if grad_accum == 1:
-            objective, (metrics, extra), grads = _one(grad_fn, state.adapter, base_params, batch, key, n_total)
+            objective, (metrics, extra), grads = _one(grad_fn, adapter, base_params, batch, key, n_total)
             per_micro = jax.tree.map(lambda x: x[None], (metrics, extra))
         else:
             micro = _split_micro(batch, grad_accum, mesh)
-            zeros = jax.tree.map(jnp.zeros_like, state.adapter)
+            zeros = jax.tree.map(jnp.zeros_like, adapter)
 
             def body(carry, xs):
                 grads_acc, obj_acc = carry
                 m_batch, m = xs
-                obj, aux, g = _one(grad_fn, state.adapter, base_params, m_batch, jax.random.fold_in(key, m), n_total)
+                obj, aux, g = _one(grad_fn, adapter, base_params, m_batch, jax.random.fold_in(key, m), n_total)
                 return (jax.tree.map(jnp.add, grads_acc, g), obj_acc + obj), aux
 
             (grads, objective), per_micro = jax.lax.scan(
@@ -206,13 +263,16 @@ def make_train_step(
         metrics["loss"] = objective
 
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-        loss_ok, grads_ok = jnp.isfinite(objective), _leaf_finite(grads)
+        loss_ok, grads_ok = jnp.isfinite(objective), _leaf_finite(grads, like[0])
         finite = loss_ok & jnp.all(grads_ok)
         # lax.cond rather than a per-leaf jnp.where: the where form made XLA's CPU compile time
         # superlinear in the number of adapter leaves (8 MoLA layers: 22 s vs 6 s with cond).
         (new_adapter, new_opt_state), update_bad, update_leaf = jax.lax.cond(
-            finite, _apply_update, _skip_update, (state.adapter, state.opt_state, grads)
+            finite, lambda o: _apply_update(o, like), lambda o: _skip_update(o, like), (adapter, opt_state, grads)
         )
+        if stacked:
+            new_adapter = unstack_layers(new_adapter, like=state.adapter)
+            new_opt_state = map_layer_dicts(unstack_layers, new_opt_state, state.opt_state)
         flags = jnp.concatenate([jnp.stack([~loss_ok, ~jnp.all(grads_ok)]), update_bad]).astype(jnp.int32)
         first_leaf = jnp.concatenate([jnp.array([-1], jnp.int32), _first_false(grads_ok)[None], update_leaf])
         finite = ~jnp.any(flags > 0)
@@ -232,10 +292,49 @@ def make_train_step(
     return train_step
 
 
-def _leaf_finite(tree: Any) -> jax.Array:
-    """bool [n_leaves]: whether each leaf of `tree` is all finite (integer leaves always are)."""
-    oks = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else jnp.bool_(True) for x in jax.tree.leaves(tree)]
-    return jnp.stack(oks) if oks else jnp.ones((0,), bool)
+def _leaf_finite(tree: Any, like: Any = None) -> jax.Array:
+    """bool [n_leaves]: whether each leaf of `tree` is all finite (integer leaves always are).
+
+    With `like` (the per-layer tree that `tree` holds stacked over layers, stacking.py) the
+    answer is per leaf of `like`, in its order, read off the stacked leaves (one reduction per
+    stacked leaf, the padding past each layer's own shape ignored)."""
+    if like is None:
+        oks = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else jnp.bool_(True) for x in jax.tree.leaves(tree)]
+        return jnp.stack(oks) if oks else jnp.ones((0,), bool)
+    names = lambda path: tuple(path_str((k,)) for k in path)  # noqa: E731
+    refs: dict[tuple, dict[int, tuple]] = {}  # stacked leaf -> layer -> that layer's shape
+    order: list[tuple[tuple, int | None]] = []
+    for path, ref in jax.tree_util.tree_flatten_with_path(like)[0]:
+        parts = names(path)
+        at = next((j for j, n in enumerate(parts) if n.startswith("layers_") and n[7:].isdigit()), None)
+        if at is None:
+            order.append((parts, None))
+            continue
+        key = parts[:at] + (LAYERS,) + parts[at + 1:]
+        refs.setdefault(key, {})[int(parts[at][7:])] = np.shape(ref)
+        order.append((key, int(parts[at][7:])))
+    oks, offset = [], {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = names(path)
+        offset[key] = sum(int(np.shape(o)[0]) for o in oks)
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            oks.append(jnp.ones((x.shape[0] if key in refs else 1,), bool))
+            continue
+        if key not in refs:
+            oks.append(jnp.all(jnp.isfinite(x))[None])
+            continue
+        ok = jnp.isfinite(x)
+        for d in range(1, x.ndim):  # padding past layer i's own size along dim d counts as finite
+            lim = np.array([refs[key][i][d - 1] for i in range(x.shape[0])], np.int32)
+            if np.all(lim == x.shape[d]):
+                continue
+            pad = jax.lax.broadcasted_iota(jnp.int32, x.shape, d) >= lim.reshape((-1,) + (1,) * (x.ndim - 1))
+            ok = ok | pad
+        oks.append(jnp.all(ok.reshape(x.shape[0], -1), axis=1))
+    if not order:
+        return jnp.ones((0,), bool)
+    index = np.array([offset[key] + (0 if layer is None else layer) for key, layer in order], np.int32)
+    return jnp.concatenate(oks)[index]
 
 
 def _first_false(ok: jax.Array) -> jax.Array:

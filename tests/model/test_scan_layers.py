@@ -16,7 +16,7 @@ from moe_lora_jax.allocation import Allocation
 from moe_lora_jax.infer.generate import generate
 from moe_lora_jax.model.scan import scan_plan
 
-CFG = TINY.replace(num_hidden_layers=3)
+CFG = TINY.replace(num_hidden_layers=3, scan_layers=False)  # the unrolled reference
 ALL7 = ("q", "k", "v", "o", "gate", "up", "down")
 MOLA_COUNTS = {"q": (1, 3, 2), "k": (2, 2, 2), "v": (4, 1, 2), "o": (3, 3, 1), "gate": (2, 4, 1), "up": (1, 1, 3),
                "down": (2, 3, 4)}
