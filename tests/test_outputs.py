@@ -93,6 +93,7 @@ WRITERS = {
     # `--data d.jsonl --json d.jsonl` must not destroy the data set
     "eval --json DATA": (lambda t: t / _data(t),
                          lambda t, o: ["eval", "--model", str(t / "nomodel"), "--data", str(o), "--json", str(o), "--no-progress"]),
+    "plan": (_precious_file, lambda t, o: ["plan", "--model", str(t / "nomodel"), "--topology", "v5p-8", "--json", str(o)]),
     # generate --json is a flag (print JSON lines), not a file: a path after it is an unknown argument
     "generate --json": (_precious_file, lambda t, o: ["generate", "--model", str(t / "nomodel"), "--prompt", "hi", "--json", str(o)]),
 }
