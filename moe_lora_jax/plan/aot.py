@@ -28,7 +28,7 @@ from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.model.remat import REMAT_POLICIES
 from moe_lora_jax.model.scan import scan_plan
 from moe_lora_jax.plan.flops import analytic_flops
-from moe_lora_jax.plan.hlo_flops import hlo_matmul_flops
+from moe_lora_jax.plan.hlo_flops import hlo_matmul_breakdown, hlo_matmul_flops
 from moe_lora_jax.plan.shapes import plan_model_config
 from moe_lora_jax.plan.topology import Topology, tpu_devices
 from moe_lora_jax.train.config import MeshConfig, TrainConfig
@@ -129,7 +129,8 @@ def _report(compiled, seconds, name, model_config, ac, config, topology, mesh, b
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n = mesh.devices.size
-    per_chip_flops = hlo_matmul_flops(compiled.as_text())  # cost_analysis counts a scanned body once
+    hlo = compiled.as_text()
+    per_chip_flops = hlo_matmul_flops(hlo)  # cost_analysis counts a scanned body once
     B, L = config.loop.global_batch, config.data.max_len
     scanned = bool(model_config.scan_layers) and scan_plan(model_config.num_hidden_layers, ac) is not None
     analytic = analytic_flops(model_config, ac, B, L, config.model.remat)
@@ -172,6 +173,7 @@ def _report(compiled, seconds, name, model_config, ac, config, topology, mesh, b
         "analytic_exact_adapters": analytic["exact_adapters"],
         "base_matmul_params": analytic["base_matmul_params"],
         "flops_ratio": (per_chip_flops * n / analytic["total"]) if analytic["total"] else None,
+        "largest_products": hlo_matmul_breakdown(hlo, 8),
         "compile_seconds": seconds,
         "largest_tensors": largest,
         "replicated_base_tensors": [{k: r[k] for k in ("name", "shape", "bytes")} for r in replicated],
@@ -213,6 +215,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"({100 * report['hbm_fraction']:.1f}%): {'fits' if report['fits'] else 'does NOT fit'} with {100 * report['headroom']:.0f}% headroom",
         f"  FLOPs per step: compiled {report['flops_per_step']:.3e} ({report['flops_per_token']:.3e} per token), analytic "
         f"{report['analytic_flops_per_step']:.3e} ({report['analytic_flops_per_token']:.3e} per token): ratio {report['flops_ratio']:.3f}",
+        "  largest products (FLOPs per chip): " + ", ".join(f"{'backward ' if 'transpose(' in p['op'] else ''}{p['op'].rsplit('/', 2)[-2]} {p['flops_per_chip']:.2e}"
+                                                          for p in report.get("largest_products", [])[:4]),
         "  largest tensors:",
     ]
     for r in report["largest_tensors"]:

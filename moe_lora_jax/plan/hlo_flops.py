@@ -138,3 +138,51 @@ def hlo_matmul_flops(hlo: str) -> float:
         return total
 
     return flops(entry) if entry else 0.0
+
+
+def hlo_matmul_breakdown(hlo: str, top: int = 8) -> list[dict[str, float | str]]:
+    """The `top` largest groups of matmuls by FLOPs per chip, grouped by the JAX operation that made them
+    (the HLO's op_name, layer indices dropped): where a compiled count above the analytic one comes from.
+    Loop bodies count once per iteration; both branches of a conditional are counted."""
+    comps = {name: [p for p in (_split_instruction(l) for l in lines) if p is not None] for name, lines in _computations(hlo)}
+    entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", hlo, re.M)
+    mult: dict[str, float] = {}
+
+    def walk(comp: str, m: float, depth: int = 0) -> None:
+        mult[comp] = mult.get(comp, 0.0) + m
+        if depth > 64:
+            return
+        for _, _, opcode, _, attrs in comps.get(comp, []):
+            if opcode == "while":
+                body, cond = re.search(r"body=%?([\w.\-]+)", attrs), re.search(r"condition=%?([\w.\-]+)", attrs)
+                known = re.search(r"known_trip_count[^0-9]*(\d+)", attrs)
+                bounds = [int(a) for (_, t, op, a, _) in comps.get(cond.group(1) if cond else "", [])
+                          if op == "constant" and re.fullmatch(r"-?\d+", a.strip())]
+                trips = int(known.group(1)) if known else max(bounds, default=1)
+                if body:
+                    walk(body.group(1), m * trips, depth + 1)
+                continue
+            called = _CALLS.findall(attrs)
+            for b in _BRANCHES.finditer(attrs):
+                called += [x.strip().lstrip("%") for x in (b.group(1).split(",") if b.group(1) else [b.group(2) or b.group(3)])]
+            for c in called:
+                walk(c, m, depth + 1)
+
+    if not entry:
+        return []
+    walk(entry.group(1), 1.0)
+    groups: dict[str, float] = {}
+    for comp, instructions in comps.items():
+        if comp not in mult:
+            continue
+        shapes = {n: d for n, t, *_ in instructions if (d := _dims(t)) is not None}
+        for name, _, opcode, args, attrs in instructions:
+            if opcode not in ("dot", "convolution"):
+                continue
+            op = re.search(r'op_name="([^"]*)"', attrs)
+            key = op.group(1) if op else "?"
+            key = re.sub(r"^jit\([^)]*\)/", "", key)
+            key = re.sub(r"(layers_|DecoderLayer_)\d+", r"\1*", key).replace("/while/body/closed_call", "/scan")
+            groups[key] = groups.get(key, 0.0) + mult[comp] * _matmul_flops(opcode, shapes.get(name, []), args.split(","), attrs, shapes)
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+    return [{"op": k, "flops_per_chip": v} for k, v in ranked]

@@ -139,3 +139,6 @@ def test_plan_compiles_for_two_hosts_and_suggests_the_least_recomputation(tmp_pa
     assert [t["remat"] for t in report["suggest"]] == ["none"]
     # scanned layers: the HLO counter multiplies the loop body by its trip count, XLA's own count does not
     assert report["xla_cost_analysis_flops_per_chip"] < report["flops_per_chip"]
+    products = report["largest_products"]  # where the FLOPs go, by the operation that made them
+    assert products and 0 < sum(p["flops_per_chip"] for p in products) <= report["flops_per_chip"] * (1 + 1e-9)
+    assert any("lm_head" in p["op"] for p in products) and any("mlp" in p["op"] for p in products)
