@@ -173,7 +173,7 @@ def _report(compiled, seconds, name, model_config, ac, config, topology, mesh, b
         "analytic_exact_adapters": analytic["exact_adapters"],
         "base_matmul_params": analytic["base_matmul_params"],
         "flops_ratio": (per_chip_flops * n / analytic["total"]) if analytic["total"] else None,
-        "largest_products": hlo_matmul_breakdown(hlo, 8),
+        "largest_products": hlo_matmul_breakdown(hlo, 24),
         "compile_seconds": seconds,
         "largest_tensors": largest,
         "replicated_base_tensors": [{k: r[k] for k in ("name", "shape", "bytes")} for r in replicated],
