@@ -43,7 +43,8 @@ TARGETS = {
     "7b-2L-v5p-8": ("llama2-7b", "v5p-8", [], ["dots_no_batch"], 2),
     "7b-4L-v4-8": ("llama2-7b", "v4-8", [], ["full"], 4),
     "7b-2L-v4-8": ("llama2-7b", "v4-8", [], ["full"], 2),
-    "13b-4L-v5p-16": ("llama2-13b", "v5p-16", [], ["dots_no_batch"], 4),
+    "13b-4L-v5p-16": ("llama2-13b", "v5p-16", [], ["full"], 4),
+    "13b-2L-v5p-16": ("llama2-13b", "v5p-16", [], ["full"], 2),
     "70b-2L-v5p-64": ("llama2-70b", "v5p-64", ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=4"], ["dots_no_batch"], 2),
 }
 

@@ -17,7 +17,7 @@ from moe_lora_jax.train.config import load_config
 
 
 def test_every_policy_gives_the_same_gradients():
-    ac = AdapterConfig(method="mola", rank=2, num_experts=3, top_k=2, target_modules=("q", "down"))
+    ac = AdapterConfig(method="lora", rank=2, target_modules=("q", "down"))
     config, params = tiny_base(TINY, seed=3)
     adapter = randomize(init_adapter(config, ac), seed=4, scale=0.2)
     ids, mask = batch(config, B=2, L=8)
