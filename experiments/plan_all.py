@@ -37,6 +37,7 @@ TARGET_FRACTION = 0.85  # of HBM per chip
 TARGETS = {
     "7b-v5p-8": ("llama2-7b", "v5p-8", [], ["dots_no_batch", "full"], None),
     "7b-v4-8": ("llama2-7b", "v4-8", [], ["full"], None),
+    "7b-full-v5p-8": ("llama2-7b", "v5p-8", [], ["full"], None),  # dots_no_batch does not fit at 32 layers (extrapolated below)
     "13b-v5p-16": ("llama2-13b", "v5p-16", [], ["dots_no_batch", "full"], None),
     "70b-v5p-64": ("llama2-70b", "v5p-64", ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=4"], ["dots_no_batch", "full"], None),
     "7b-4L-v5p-8": ("llama2-7b", "v5p-8", [], ["dots_no_batch", "full"], 4),
