@@ -73,13 +73,15 @@ class LlamaConfig:
     # RMSNorm statistics, RoPE tables and softmax are always float32.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    # Rematerialisation per decoder layer (model/remat.py): False ("none"), True ("full"), "dots", "dots_no_batch".
+    remat: bool | str = False
     # Run the decoder layers as one jax.lax.scan over stacked per-layer weights (model/scan.py):
     # compile time stops growing with depth. False: the unrolled Python loop (same numbers).
     scan_layers: bool = True
 
     def __post_init__(self) -> None:
         _check_dims(self)
+        _normalize_remat(self)
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise MoeLoraError(f"LlamaConfig.{name}={getattr(self, name)!r} is not supported: use one of {DTYPES}")
@@ -193,6 +195,14 @@ class LlamaConfig:
         if self.model_type == "mistral":  # sliding_window None is written as null: no window, not the 4096 default
             out.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=self.sliding_window)
         return out
+
+
+def _normalize_remat(config: "LlamaConfig") -> None:
+    """remat as False (none), True (full) or a policy name, so `if config.remat` means "remat is on"."""
+    from moe_lora_jax.model.remat import normalize_remat
+
+    name = normalize_remat(config.remat, "LlamaConfig.remat")
+    object.__setattr__(config, "remat", {"none": False, "full": True}.get(name, name))
 
 
 _DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -110,6 +110,7 @@ WRITERS = {
     "sweep --out OTHER_STUDY": (_other_study_dir, lambda t, o: ["sweep", "--study", _study_yaml(t), "--out", str(o)]),
     "routing": (_precious_dir, lambda t, o: ["routing", "--adapter", str(t / "noadapter"), "--model", str(t / "nomodel"),
                                              "--out", str(o), "--no-progress"]),
+    "plan": (_precious_file, lambda t, o: ["plan", "--model", str(t / "nomodel"), "--topology", "v5p-8", "--json", str(o)]),
     # generate --json is a flag (print JSON lines), not a file: a path after it is an unknown argument
     "generate --json": (_precious_file, lambda t, o: ["generate", "--model", str(t / "nomodel"), "--prompt", "hi", "--json", str(o)]),
 }

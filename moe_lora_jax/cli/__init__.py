@@ -3,6 +3,7 @@
     info.py       info                  convert.py   convert
     train.py      train, quickstart     generate.py  generate
     eval.py       eval                  allocate.py  analyze, allocate
+    plan.py       plan (AOT compile for a TPU slice)
     routing.py    routing (analyses of a trained adapter's routers and experts)
     sweep.py      sweep
     common.py     what they share (the --model argument)
@@ -22,6 +23,7 @@ from moe_lora_jax.cli.convert import add_convert_parser
 from moe_lora_jax.cli.eval import add_eval_parser
 from moe_lora_jax.cli.generate import add_generate_parser
 from moe_lora_jax.cli.info import add_info_parser
+from moe_lora_jax.cli.plan import add_plan_parser
 from moe_lora_jax.cli.routing import add_routing_parser
 from moe_lora_jax.cli.sweep import add_sweep_parser
 from moe_lora_jax.cli.train import add_quickstart_parser, add_train_parser
@@ -29,7 +31,7 @@ from moe_lora_jax.errors import MoeLoraError
 
 SUBCOMMANDS = (add_info_parser, add_convert_parser, add_generate_parser, add_eval_parser, add_train_parser,
                add_quickstart_parser, add_analyze_parser, add_allocate_parser, add_routing_parser,
-               add_sweep_parser)
+               add_sweep_parser, add_plan_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,7 @@ from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.adapters.layers import AdapterContext
 from moe_lora_jax.adapters.registry import LAYER_ROUTING_KEY, get_method
 from moe_lora_jax.config import LlamaConfig
+from moe_lora_jax.model.remat import remat_policy
 from moe_lora_jax.model.scan import run_scanned_layers, scan_plan
 from moe_lora_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -301,7 +302,7 @@ class LlamaForCausalLM(nn.Module):
                 routing = cache.routing
             pool_mask = attention_mask_BxL if prompt_mask_BxL is None else attention_mask_BxL & prompt_mask_BxL.astype(bool)
             ctx = AdapterContext(deterministic=deterministic, pool_mask_BxL=pool_mask, routing_BxNxM=routing)
-        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+        layer_cls = nn.remat(DecoderLayer, policy=remat_policy(cfg.remat)) if cfg.remat else DecoderLayer
         new_k, new_v, gates = [], [], []
         plan = scan_plan(cfg.num_hidden_layers, ac) if cfg.scan_layers and not self.is_initializing() else None
         if plan is not None:  # one lax.scan over the layers (init still builds the per-layer trees below)

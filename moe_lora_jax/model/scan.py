@@ -30,6 +30,7 @@ import numpy as np
 
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.adapters.registry import get_method
+from moe_lora_jax.model.remat import remat_policy
 from moe_lora_jax.stacking import LAYERS
 
 def _scan_kind(ac: AdapterConfig) -> str:
@@ -192,7 +193,7 @@ def run_scanned_layers(mdl: nn.Module, plan: ScanPlan, layer_cls: Any, x_BxLxD: 
         return x, (layer_kv, gates, stats.get("intermediates", {}))
 
     if cfg.remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+        body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(cfg.remat))
     x_BxLxD, (kv_N, gates_N, stats_N) = jax.lax.scan(body, x_BxLxD, xs)
     new_k = new_v = ()
     if kv_N is not None:

@@ -35,8 +35,13 @@ class ModelSection:
     path: str | None = None
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    remat: bool = False
+    remat: str = "none"  # none, dots, dots_no_batch, full (model/remat.py); true/false = full/none
     scan_layers: bool = True  # one lax.scan over the decoder layers (LlamaConfig.scan_layers): compile time flat in depth
+
+    def __post_init__(self) -> None:
+        from moe_lora_jax.model.remat import normalize_remat
+
+        object.__setattr__(self, "remat", normalize_remat(self.remat))
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def test_yaml_values_are_typed_by_field(tmp_path):
     assert c.optim.lr == pytest.approx(3e-4) and isinstance(c.optim.lr, float)
     assert c.optim.clip_norm is None
     assert c.loop.steps == 120 and isinstance(c.loop.steps, int)
-    assert c.model.remat is True
+    assert c.model.remat == "full"  # an old config's boolean: full recomputation
 
 
 def test_dotted_overrides_are_typed(tmp_path):
@@ -64,7 +64,7 @@ def test_dotted_overrides_are_typed(tmp_path):
     )
     assert c.optim.lr == pytest.approx(5e-4)
     assert c.loop.steps == 42
-    assert c.model.remat is True and c.model.path == "/models/llama"
+    assert c.model.remat == "full" and c.model.path == "/models/llama"
     assert c.optim.router_lr == pytest.approx(1e-2) and c.optim.clip_norm is None
     assert c.data.template == "alpaca" and c.mesh.fsdp == 2
     assert c.optim.no_decay_patterns == ("bias", "norm")
@@ -97,7 +97,7 @@ def test_bad_values_are_rejected(tmp_path):
         load_config(None, ["loop.steps=abc"])
     with pytest.raises(MoeLoraError, match="data.template='jinja' is not allowed: use one of alpaca, chat"):
         load_config(None, ["data.template=jinja"])
-    with pytest.raises(MoeLoraError, match="model.remat='maybe' is not a boolean"):
+    with pytest.raises(MoeLoraError, match="model.remat='maybe' is not a remat policy"):
         load_config(None, ["model.remat=maybe"])
     with pytest.raises(MoeLoraError, match="no '='"):
         load_config(None, ["optim.lr"])
