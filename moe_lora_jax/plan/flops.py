@@ -29,14 +29,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from moe_lora_jax import layout
 from moe_lora_jax.model.remat import normalize_remat
 
 
 def linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
     """(in, out) of each of the seven adapted linears of one layer."""
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return {"q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D), "gate": (D, F), "up": (D, F), "down": (F, D)}
+    return layout.all_dims(cfg)
 
 
 def base_matmul_params(cfg: Any) -> int:
