@@ -26,12 +26,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moe_lora_jax.adapters.config import AdapterConfig
 from moe_lora_jax.adapters.registry import get_method
 from moe_lora_jax.model.remat import remat_policy
-from moe_lora_jax.stacking import LAYERS
+from moe_lora_jax.stacking import LAYERS, stack_layers
 
 def _scan_kind(ac: AdapterConfig) -> str:
     """How a method's layers scan, from its registry facts: "uniform_check" (a per-layer router such as
@@ -111,16 +110,6 @@ def scans(config: Any, ac: AdapterConfig | None) -> bool:
     return bool(config.scan_layers) and scan_plan(config.num_hidden_layers, ac) is not None
 
 
-def _stack_padded(trees: list[Any]) -> Any:
-    """Stack per-layer trees leaf by leaf into [num_layers, ...], zero-padding each leaf to the largest shape."""
-
-    def stack(*leaves):
-        shape = np.max([np.shape(x) for x in leaves], axis=0)
-        padded = [jnp.pad(x, [(0, int(s) - d) for s, d in zip(shape, np.shape(x))]) for x in leaves]
-        return jnp.stack(padded)
-
-    return jax.tree_util.tree_map(stack, *trees)
-
 
 def _crop_stats(tree: Any, counts: dict[str, int]) -> Any:
     """Crop one layer's router statistics from E_max back to its own expert count per target."""
@@ -153,12 +142,12 @@ def run_scanned_layers(mdl: nn.Module, plan: ScanPlan, layer_cls: Any, x_BxLxD: 
     N = cfg.num_hidden_layers
     variables = nn.meta.unbox(mdl.variables)
     params = variables["params"]
-    base_N = params[LAYERS] if LAYERS in params else _stack_padded([params[f"layers_{i}"] for i in range(N)])
-    adapter = variables.get("adapter", {})
+    base_N = stack_layers(params)[LAYERS]  # stored stacked (build_run), or stacked here once per forward
     reused = ctx is not None and ctx.routing_BxNxM is not None  # MiLoRA decode steps: the routers are not run
     drop = lambda layer: {k: v for k, v in layer.items() if not (reused and k == "milora_router")}  # noqa: E731
-    adapter_N = drop(adapter[LAYERS]) if LAYERS in adapter else (
-        _stack_padded([drop(adapter[f"layers_{i}"]) for i in range(N)]) if "layers_0" in adapter else None)
+    adapter = {k: drop(v) if k == LAYERS or k.startswith("layers_") else v for k, v in variables.get("adapter", {}).items()}
+    adapter = stack_layers(adapter)  # per-layer expert counts: zero-padded to the largest
+    adapter_N = adapter.get(LAYERS)
     valid = dict(plan.valid)
     xs: dict[str, Any] = {"base": base_N}
     if adapter_N is not None:

@@ -192,6 +192,7 @@ def make_train_step(
     """
     loss_fn = _objective_loss(objective) if loss_fn is None else loss_fn
     top_k = 1 if adapter_config is None else get_method(adapter_config.method).routing_top_k(adapter_config)
+    routed_k = _layer_top_k(adapter_config) if top_k > 1 else top_k  # each router's own k, as the losses count it
     if grad_accum < 1:
         raise ValueError(f"grad_accum={grad_accum} must be >= 1")
 
@@ -209,7 +210,6 @@ def make_train_step(
         loss, metrics = loss_fn(logits, micro, inter, adapter_config)
         n = metrics["tokens"]
         objective = metrics["ce"] * n / jnp.maximum(n_total, 1.0) + (loss - metrics["ce"]) / grad_accum
-        routed_k = _layer_top_k(adapter_config) if top_k > 1 else top_k  # each router's own k, as the losses count it
         extra = routing_metrics(inter, micro.get("attention_mask"), routed_k) if log_routing else {}
         return objective, (dict(metrics), extra)
 
