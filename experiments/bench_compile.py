@@ -52,11 +52,13 @@ def compile_seconds(layers: int, scan: bool, batch: int, length: int) -> dict[st
     state = jax.eval_shape(lambda a: TrainState.create(a, optimizer), shapes["adapter"])
     batch = {"input_ids": jax.ShapeDtypeStruct((batch, length), jnp.int32),
              "attention_mask": jax.ShapeDtypeStruct((batch, length), jnp.int32)}
-    step = make_train_step(model, ac, optimizer, deterministic=True)
-    if scan:  # as build_run stores it: the base stacked over layers once, not in every step
+    step = make_train_step(model, ac, optimizer, deterministic=True, state_like=state)
+    if scan:  # as build_run and the train loop keep them: base and train state stacked over layers
         from moe_lora_jax.stacking import stack_layers
+        from moe_lora_jax.train.state import stack_state
 
         shapes = dict(shapes, params=stack_layers(shapes["params"]))
+        state = stack_state(state)
     t0 = time.perf_counter()
     lowered = jax.jit(step, donate_argnums=0).lower(state, shapes["params"], batch)
     t1 = time.perf_counter()

@@ -92,7 +92,7 @@ def plan_train_step(config: TrainConfig, model: str | None, topology: Topology, 
     from moe_lora_jax.parallel.rules import abstract_variables, param_shardings
     from moe_lora_jax.train.optim import make_optimizer, make_schedule
     from moe_lora_jax.train.loop import run_objective
-    from moe_lora_jax.train.state import TrainState, state_shardings
+    from moe_lora_jax.train.state import TrainState, stack_state, state_shardings
     from moe_lora_jax.stacking import stack_layers
     from moe_lora_jax.train.step import CompiledSteps, make_train_step
 
@@ -115,9 +115,12 @@ def plan_train_step(config: TrainConfig, model: str | None, topology: Topology, 
     optimizer = make_optimizer(config.optim, loop.steps)
     state = jax.eval_shape(lambda k: TrainState.create(init_adapter(model_config, ac, k), optimizer, seed=config.seed), jax.random.key(0))
     state_sh = state_shardings(state, mesh)
+    like = state
+    if scans(model_config, ac):  # as the train loop keeps it between steps: stacked over layers
+        state, state_sh = stack_state(state), stack_state(state_sh)
     model_obj = LlamaForCausalLM(model_config, ac)
     step_fn = make_train_step(model_obj, ac, optimizer, grad_accum=loop.grad_accum, lr_schedule=make_schedule(config.optim, loop.steps),
-                              mesh=mesh, objective=objective)
+                              mesh=mesh, objective=objective, state_like=like)
     steps = CompiledSteps(step_fn, mesh, state, state_sh, base, base_sh)
     batch = abstract_batch(config, ac.method)
     compiled = steps.compile(batch)  # every input carries its NamedSharding: no mesh context needed

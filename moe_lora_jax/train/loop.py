@@ -56,7 +56,7 @@ from moe_lora_jax.train.checkpoint import CheckpointStore, base_fingerprint, res
 from moe_lora_jax.train.config import TrainConfig, config_to_dict, save_resolved
 from moe_lora_jax.train.metrics import MetricsWriter, Progress, plot_losses
 from moe_lora_jax.train.optim import make_optimizer, make_schedule
-from moe_lora_jax.train.state import TrainState, state_shardings
+from moe_lora_jax.train.state import TrainState, stack_state, state_shapes, state_shardings, unstack_state
 from moe_lora_jax.train.step import CompiledSteps, describe_nonfinite, make_eval_step, make_train_step
 
 
@@ -347,6 +347,13 @@ def _train(
         state, data_state, _ = restored
         run.data.train.restore(data_state)
     start = int(state.step)
+    # Scanned layers: the state stays stacked over layers between steps (train/state.py); checkpoints,
+    # the final adapter and RunResult.state get each layer's exact shapes back.
+    like, per_layer_sh = state_shapes(state), state_sh
+    if scans(run.model_config, ac):
+        state_sh = stack_state(state_sh)
+        state = jax.jit(stack_state, out_shardings=state_sh)(state)
+    unstacked = jax.jit(lambda s: unstack_state(s, like), out_shardings=per_layer_sh) if state_sh is not per_layer_sh else (lambda s: s)
     if main:  # the checkpoint (if any) is this run's: only now is anything written
         save_resolved(config, out_dir)
         if ac.allocation is not None and not (out_dir / "allocation.json").exists():
@@ -363,7 +370,7 @@ def _train(
             print(f"metrics.jsonl: dropped {dropped} row(s) after step {start}, which this run logs again", flush=True)
 
     step_fn = make_train_step(run.model, ac, run.optimizer, grad_accum=loop.grad_accum, lr_schedule=run.schedule, mesh=run.mesh,
-                              objective=run.objective)
+                              objective=run.objective, state_like=like)
     steps = CompiledSteps(step_fn, run.mesh, state, state_sh, run.base, run.base_shardings)
     eval_step = jax.jit(make_eval_step(run.model, ac, objective=run.objective))
 
@@ -405,7 +412,7 @@ def _train(
             done = step + 1
             tokens_since += float(np.sum(batch["attention_mask"])) * jax.process_count()
             if int(metrics["nonfinite"]):
-                what = describe_nonfinite(metrics["nonfinite/flags"], metrics["nonfinite/leaf"], state.adapter, state.opt_state)
+                what = describe_nonfinite(metrics["nonfinite/flags"], metrics["nonfinite/leaf"], like.adapter, like.opt_state)
                 say(f"step {done}: NaN/Inf in the {what}; update skipped ({int(state.nonfinite_run)} in a row)")
                 if int(state.nonfinite_run) >= loop.max_nonfinite_steps:
                     result.stopped_early = True
@@ -427,9 +434,10 @@ def _train(
                     result.evals.append({"step": done, "eval/loss": val})
                     say(f"step {done}: validation loss {val:.4f}")
             if done % ckpt.every == 0 or done == end:
-                store.save(done, state, run.data.train.state())
+                store.save(done, unstacked(state), run.data.train.state())
             bar.update(1, loss=f"{float(metrics['loss']):.4f}")
         result.step = int(state.step)
+        state = unstacked(state)
     finally:
         bar.close()
         store.close()

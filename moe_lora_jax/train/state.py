@@ -3,6 +3,8 @@
     adapter = init_adapter(model_config, adapter_config, key)      # moe_lora_jax.adapters: the `adapter` collection only
     state = TrainState.create(adapter, optimizer, seed=config.seed)
     state_sh = state_shardings(state, mesh)                         # replicated by default
+    stacked = stack_state(state)                                    # scanned layers: adapter and moments over `layers`
+    state = unstack_state(stacked, like=state)                      # each layer's exact shapes back (checkpoints, exports)
 
 The frozen base weights (`params`) are *not* in the state: they are passed to the
 step as a separate argument, never differentiated, never donated, never
@@ -16,6 +18,12 @@ Fields:
     rng             uint32 [2] raw PRNG key data; step t uses fold_in(rng, t), so the key never changes
     nonfinite_total int32 []   steps whose loss, gradients or updated state were NaN/Inf (their update was skipped)
     nonfinite_run   int32 []   consecutive such steps up to now (0 after a good step)
+
+With scanned layers the train loop keeps the state stacked between steps (`stack_state`): the
+step then neither stacks nor crops its hundreds of per-layer leaves, which is what made its
+compile time grow with depth. Checkpoints and exports get each layer's exact shapes back
+(`unstack_state`); the padding of layers with fewer experts stays exactly zero (zero gradients,
+zero AdamW moments, so zero updates).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_lora_jax.parallel.rules import LOGICAL_AXIS_RULES, shardings_for
+from moe_lora_jax.stacking import is_stacked, map_layer_dicts, stack_layers, unstack_layers
 
 
 class TrainState(struct.PyTreeNode):
@@ -72,6 +81,28 @@ class TrainState(struct.PyTreeNode):
     def applied_updates(self) -> jax.Array:
         """Optimizer updates actually applied (= optax's own count, which drives the schedule)."""
         return self.step - self.nonfinite_total
+
+
+def stack_state(state: TrainState) -> TrainState:
+    """`state` with the adapter and every adapter-shaped part of the optimizer state stacked over
+    `layers` (stacking.stack_layers; works on a TrainState of arrays, shapes or NamedShardings)."""
+    if is_stacked(state.adapter):
+        return state
+    return state.replace(adapter=stack_layers(state.adapter), opt_state=map_layer_dicts(stack_layers, state.opt_state))
+
+
+def unstack_state(state: TrainState, like: TrainState) -> TrainState:
+    """The inverse of `stack_state`: per-layer entries cropped to the shapes of `like` (the per-layer
+    state, or its shapes)."""
+    if not is_stacked(state.adapter):
+        return state
+    return state.replace(adapter=unstack_layers(state.adapter, like=like.adapter),
+                         opt_state=map_layer_dicts(unstack_layers, state.opt_state, like.opt_state))
+
+
+def state_shapes(state: TrainState) -> TrainState:
+    """The state's shapes and dtypes (ShapeDtypeStructs): what `unstack_state` crops to."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), state)
 
 
 def state_shardings(state: TrainState, mesh: Mesh, adapter_abstract: Any = None, adapter_sharding: str = "replicated") -> TrainState:

@@ -48,7 +48,7 @@ from moe_lora_jax.losses import RouterStat, _layer_top_k, _stat_k, router_stats,
 from moe_lora_jax.model.scan import scans
 from moe_lora_jax.parallel.mesh import BATCH_AXES
 from moe_lora_jax.parallel.rules import batch_sharding
-from moe_lora_jax.stacking import LAYERS, map_layer_dicts, stack_layers, unstack_layers
+from moe_lora_jax.stacking import LAYERS, is_stacked, map_layer_dicts, stack_layers, unstack_layers
 from moe_lora_jax.train.optim import path_str
 from moe_lora_jax.train.state import TrainState
 
@@ -183,12 +183,19 @@ def make_train_step(
     log_routing: bool = True,
     loss_fn: Callable | None = None,
     objective: Any = None,
+    state_like: TrainState | None = None,
 ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure `train_step(state, base_params, batch) -> (state, metrics)`.
 
     `loss_fn(logits, batch, intermediates, adapter_config) -> (loss, metrics)` defaults to
     `losses.total_loss` with the weights of `objective` (an Objective; None: the method's defaults);
     its metrics must include "ce" and "tokens".
+
+    The state may come per layer or, for a scanned model, stacked over layers (`state.stack_state`,
+    as the train loop keeps it): a stacked state is returned stacked, with nothing stacked or cropped
+    inside the step. `state_like` (the per-layer state or its shapes, `state.state_shapes`) lets
+    the non-finite guard name the per-layer leaf of a stacked state (`describe_nonfinite` with the
+    per-layer trees); without it the leaf index counts the stacked leaves.
     """
     loss_fn = _objective_loss(objective) if loss_fn is None else loss_fn
     top_k = 1 if adapter_config is None else get_method(adapter_config.method).routing_top_k(adapter_config)
@@ -217,7 +224,7 @@ def make_train_step(
     # With scanned layers the step runs on the adapter and optimizer state stacked over layers (padded
     # where expert counts differ): the model scans them as they are and the optimizer updates a few
     # stacked leaves instead of one per layer, which is most of the step's compile time on deep models.
-    # The state keeps each layer's exact shapes (stacked on entry, cropped back on exit).
+    # A per-layer state is stacked on entry and cropped back on exit; the train loop passes it stacked.
     stacked = scans(model.config, adapter_config) if hasattr(model, "config") else False
 
     def _apply_update(operands, like):
@@ -239,10 +246,15 @@ def make_train_step(
         batch = dict(batch)
         n_total = response_tokens(batch)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        like = (state.adapter, state.opt_state) if stacked else (None, None)  # per-layer shapes and leaf order
         adapter, opt_state = state.adapter, state.opt_state
-        if stacked:
+        stack_here = stacked and not is_stacked(adapter)  # a per-layer state: stacked on entry, cropped on exit
+        if stack_here:
+            like = (adapter, opt_state)  # per-layer shapes and leaf order
             adapter, opt_state = stack_layers(adapter), map_layer_dicts(stack_layers, opt_state)
+        elif is_stacked(adapter) and state_like is not None:
+            like = (state_like.adapter, state_like.opt_state)
+        else:
+            like = (None, None)
         if grad_accum == 1:
             objective, (metrics, extra), grads = _one(grad_fn, adapter, base_params, batch, key, n_total)
             per_micro = jax.tree.map(lambda x: x[None], (metrics, extra))
@@ -270,7 +282,7 @@ def make_train_step(
         (new_adapter, new_opt_state), update_bad, update_leaf = jax.lax.cond(
             finite, lambda o: _apply_update(o, like), lambda o: _skip_update(o, like), (adapter, opt_state, grads)
         )
-        if stacked:
+        if stack_here:
             new_adapter = unstack_layers(new_adapter, like=state.adapter)
             new_opt_state = map_layer_dicts(unstack_layers, new_opt_state, state.opt_state)
         flags = jnp.concatenate([jnp.stack([~loss_ok, ~jnp.all(grads_ok)]), update_bad]).astype(jnp.int32)
