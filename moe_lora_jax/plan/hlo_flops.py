@@ -80,18 +80,55 @@ def _matmul_flops(opcode: str, out: list[int], operands: list[str], attrs: str, 
         m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
         contracted = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m else 1
         return 2.0 * math.prod(out) * contracted
-    labels = re.search(r"dim_labels=([^_\s,]+)_", attrs)
+    labels = re.search(r"dim_labels=([^_\s,]+)_([^-\s,]+)->([^\s,]+)", attrs)
     if not labels or "f" not in labels.group(1):
         return 0.0
-    features = lhs[labels.group(1).index("f")]
+    lhs_labels, out_labels = labels.group(1), labels.group(3)
+    features = lhs[lhs_labels.index("f")]
     groups = re.search(r"feature_group_count=(\d+)", attrs)
-    window = re.search(r"window=\{size=([\dx]+)", attrs)
-    dilate = re.search(r"lhs_dilate=([\dx]+)", attrs)
-    sizes = [int(s) for s in window.group(1).split("x")] if window else [1]
-    dilations = [int(d) for d in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-    # a batched matmul becomes a convolution over dilated batch dims: one tap in `lhs_dilate` hits data
-    size = math.prod(-(-s // d) for s, d in zip(sizes, dilations))
-    return 2.0 * math.prod(out) * features / (int(groups.group(1)) if groups else 1) * size
+    spatial = sorted(c for c in lhs_labels if c.isdigit())
+    window = _window(attrs, len(spatial))
+    # Multiply-adds that touch data: per spatial dim, the (output position, window tap) pairs whose input
+    # index is neither padding nor a dilation hole. XLA on TPU writes a batched or reshaped matmul as a
+    # convolution whose window spans padding (window 4x2, pad 3_3x1_1 over size-1 dims): only one tap per
+    # output is real, and counting the whole window overstated such a matmul 8x.
+    taps = 1
+    for i, c in enumerate(spatial):
+        n_in = lhs[lhs_labels.index(c)]
+        n_out = out[out_labels.index(c)] if c in out_labels and len(out) == len(out_labels) else 1
+        taps *= _valid_taps(n_in, n_out, **{k: v[i] for k, v in window.items()})
+    per_position = math.prod(out) / max(1, math.prod(out[out_labels.index(c)] for c in spatial if c in out_labels and len(out) == len(out_labels)))
+    return 2.0 * per_position * features / (int(groups.group(1)) if groups else 1) * taps
+
+
+def _window(attrs: str, ndims: int) -> dict[str, list[int]]:
+    """A convolution's window attributes, one value per spatial dim: size, pad_lo, pad_hi, stride,
+    lhs_dilate, rhs_dilate (XLA's defaults where absent)."""
+    body = re.search(r"window=\{([^}]*)\}", attrs)
+    text = body.group(1) if body else ""
+
+    def field(name: str, default: int) -> list[int]:
+        m = re.search(rf"\b{name}=([\dx]+)", text)
+        return [int(v) for v in m.group(1).split("x")] if m else [default] * ndims
+
+    pads = re.search(r"\bpad=([\d_x-]+)", text)
+    lo_hi = [tuple(int(v) for v in p.split("_")) for p in pads.group(1).split("x")] if pads else [(0, 0)] * ndims
+    return {"size": field("size", 1), "pad_lo": [p[0] for p in lo_hi], "pad_hi": [p[1] for p in lo_hi],
+            "stride": field("stride", 1), "lhs_dilate": field("lhs_dilate", 1), "rhs_dilate": field("rhs_dilate", 1)}
+
+
+def _valid_taps(n_in: int, n_out: int, size: int, pad_lo: int, pad_hi: int, stride: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """(output position, window tap) pairs of one spatial dim that read real input: not padding, not a hole
+    of the input's dilation."""
+    span = (n_in - 1) * lhs_dilate + 1  # the dilated input
+    if n_out * size > 4_000_000:  # not a matmul in disguise: every tap counts (an upper bound)
+        return n_out * size
+    count = 0
+    for o in range(n_out):
+        for k in range(size):
+            p = o * stride + k * rhs_dilate - pad_lo
+            count += 0 <= p < span and p % lhs_dilate == 0
+    return count
 
 
 def hlo_matmul_flops(hlo: str) -> float:
