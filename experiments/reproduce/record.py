@@ -158,6 +158,7 @@ def main() -> None:
             shutil.copy2(study_dir / plot, out_dir / plot)
 
     table = (study_dir / "results.md").read_text().split("\n", 1)[1].strip()  # the runner's, without its title
+    table = "\n".join(line for line in table.splitlines() if not line.startswith("Plots:")).strip()  # linked below
     start, end = run_times(study_dir)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     rel = os.path.relpath(study_dir, ROOT) if study_dir.resolve().is_relative_to(ROOT) else str(study_dir)
