@@ -131,6 +131,71 @@ def _valid_taps(n_in: int, n_out: int, size: int, pad_lo: int, pad_hi: int, stri
     return count
 
 
+_INT = ("s8", "s16", "s32", "s64", "u8", "u16", "u32", "u64")
+
+
+def _int_constant(ins: tuple[str, str, str, str, str] | None) -> int | None:
+    if ins is None or ins[2] != "constant" or not ins[1].startswith(_INT) or not re.fullmatch(r"-?\d+", ins[3].strip()):
+        return None
+    return int(ins[3].strip())
+
+
+def _trip_count(comps: dict[str, list], caller: list, operand: str, attrs: str) -> int:
+    """Iterations of a while loop: the compiler's `known_trip_count`, else read off its induction variable
+    (condition `i < C`, body `i + S`, initial value from the loop's operand tuple, 0 if not a constant),
+    else the largest integer constant in the condition.
+
+    The induction step matters: XLA's windowed (collective) matmul loops on TPU step by 2 with a bound of
+    twice their trip count; the largest constant counted those loops twice."""
+    known = re.search(r"known_trip_count[^0-9]*(\d+)", attrs)
+    if known:
+        return int(known.group(1))
+    cond_m, body_m = re.search(r"condition=%?([\w.\-]+)", attrs), re.search(r"body=%?([\w.\-]+)", attrs)
+    cond = comps.get(cond_m.group(1), []) if cond_m else []
+    fallback = max((c for c in map(_int_constant, cond) if c is not None), default=1)
+    named = {i[0]: i for i in cond}
+    compares = [i for i in cond if i[2] == "compare"]
+    if len(compares) != 1 or not body_m:
+        return fallback
+    _, _, _, operands, cmp_attrs = compares[0]
+    names = [o.strip().lstrip("%") for o in operands.split(",")]
+    direction = re.search(r"direction=(\w+)", cmp_attrs)
+    if len(names) != 2 or not direction or direction.group(1) not in ("LT", "LE"):
+        return fallback
+    lhs, rhs = named.get(names[0]), named.get(names[1])
+    bound = _int_constant(rhs)
+    index = re.search(r"index=(\d+)", lhs[4]) if lhs is not None and lhs[2] == "get-tuple-element" else None
+    if bound is None or index is None:
+        return fallback
+    k = int(index.group(1))
+    body = comps.get(body_m.group(1), [])
+    body_named = {i[0]: i for i in body}
+    roots = [i for i in body if i[2] == "tuple"]
+    step = None
+    if roots:
+        elems = [o.strip().lstrip("%") for o in roots[-1][3].split(",")]
+        update = body_named.get(elems[k]) if k < len(elems) else None
+        if update is not None and update[2] == "add":
+            parts = [body_named.get(o.strip().lstrip("%")) for o in update[3].split(",")]
+            consts = [c for c in map(_int_constant, parts) if c is not None]
+            gtes = [q for q in parts if q is not None and q[2] == "get-tuple-element" and re.search(rf"index={k}\b", q[4])]
+            if len(consts) == 1 and gtes:
+                step = consts[0]
+    if not step or step <= 0:
+        return fallback
+    caller_named = {i[0]: i for i in caller}
+    init = 0
+    tup = caller_named.get(operand.strip().split(",")[0].strip().lstrip("%"))
+    if tup is not None and tup[2] == "tuple":
+        elems = [o.strip().lstrip("%") for o in tup[3].split(",")]
+        start = caller_named.get(elems[k]) if k < len(elems) else None
+        while start is not None and start[2] in ("copy", "bitcast"):
+            start = caller_named.get(start[3].strip().lstrip("%"))
+        init = _int_constant(start) or 0
+    span = bound - init + (1 if direction.group(1) == "LE" else 0)
+    return max(0, -(-span // step))
+
+
 def hlo_matmul_flops(hlo: str) -> float:
     """Matmul FLOPs of the entry computation of an HLO module's text, with loops unrolled by their trip counts."""
     comps: dict[str, list[tuple[str, str, str, str, str]]] = {}
@@ -141,15 +206,6 @@ def hlo_matmul_flops(hlo: str) -> float:
         if line.startswith("ENTRY"):
             entry = re.match(r"^ENTRY\s+%?([\w.\-]+)", line).group(1)
     memo: dict[str, float] = {}
-
-    def trip_count(attrs: str) -> int:
-        known = re.search(r'known_trip_count[^0-9]*(\d+)', attrs)
-        if known:
-            return int(known.group(1))
-        cond = re.search(r"condition=%?([\w.\-]+)", attrs)
-        bounds = [int(c) for (_, t, op, args, _) in comps.get(cond.group(1), []) if op == "constant" and t.startswith(("s32", "s64", "u32"))
-                  for c in re.findall(r"^-?\d+$", args.strip())] if cond else []
-        return max(bounds) if bounds else 1
 
     def flops(comp: str) -> float:
         if comp in memo:
@@ -162,7 +218,7 @@ def hlo_matmul_flops(hlo: str) -> float:
                 total += _matmul_flops(opcode, shapes.get(name, []), args.split(","), attrs, shapes)
             elif opcode == "while":
                 body = re.search(r"body=%?([\w.\-]+)", attrs)
-                total += trip_count(attrs) * (flops(body.group(1)) if body else 0.0)
+                total += _trip_count(comps, comps.get(comp, []), args, attrs) * (flops(body.group(1)) if body else 0.0)
             elif opcode == "conditional":
                 branches = []
                 for m in _BRANCHES.finditer(attrs):
@@ -189,13 +245,10 @@ def hlo_matmul_breakdown(hlo: str, top: int = 8) -> list[dict[str, float | str]]
         mult[comp] = mult.get(comp, 0.0) + m
         if depth > 64:
             return
-        for _, _, opcode, _, attrs in comps.get(comp, []):
+        for _, _, opcode, args, attrs in comps.get(comp, []):
             if opcode == "while":
-                body, cond = re.search(r"body=%?([\w.\-]+)", attrs), re.search(r"condition=%?([\w.\-]+)", attrs)
-                known = re.search(r"known_trip_count[^0-9]*(\d+)", attrs)
-                bounds = [int(a) for (_, t, op, a, _) in comps.get(cond.group(1) if cond else "", [])
-                          if op == "constant" and re.fullmatch(r"-?\d+", a.strip())]
-                trips = int(known.group(1)) if known else max(bounds, default=1)
+                body = re.search(r"body=%?([\w.\-]+)", attrs)
+                trips = _trip_count(comps, comps.get(comp, []), args, attrs)
                 if body:
                     walk(body.group(1), m * trips, depth + 1)
                 continue

@@ -15,7 +15,7 @@ from moe_lora_jax.cli import main
 from moe_lora_jax.config import LlamaConfig
 from moe_lora_jax.errors import MoeLoraError
 from moe_lora_jax.plan import HBM_BYTES, NAMED_SHAPES, analytic_flops, parse_topology, plan_model_config
-from moe_lora_jax.plan.hlo_flops import hlo_matmul_flops
+from moe_lora_jax.plan.hlo_flops import hlo_matmul_breakdown, hlo_matmul_flops
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (pip install 'moe-lora-jax[tpu]'): no TPU compiler to plan with")
@@ -87,6 +87,43 @@ def test_hlo_counter_counts_only_the_taps_of_a_convolution_that_read_data():
     hlo = f"ENTRY %main (a: f32[1,7,2], b: f32[3,2,4]) -> f32[1,3,4] {{\n  %a = f32[1,7,2] parameter(0)\n" \
           f"  %b = f32[3,2,4] parameter(1)\n  ROOT {conv1d}\n}}\n"
     assert hlo_matmul_flops(hlo) == 2 * 3 * 4 * 2 * 3
+
+
+def test_hlo_counter_reads_the_step_of_a_loop_that_counts_by_two():
+    # XLA's windowed (collective) matmul loops on TPU run i = 0, 2 while i < 4: two iterations, not four
+    # (the 13B plan on v5p-16 read 1.9x the analytic FLOPs while the largest constant was taken as the count)
+    hlo = """
+%cond (p: (u32[], f32[8,16])) -> pred[] {
+  %p = (u32[], f32[8,16]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %four = u32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %four), direction=LT
+}
+
+%body (q: (u32[], f32[8,16])) -> (u32[], f32[8,16]) {
+  %q = (u32[], f32[8,16]) parameter(0)
+  %i = u32[] get-tuple-element(%q), index=0
+  %x = f32[8,16] get-tuple-element(%q), index=1
+  %w = f32[16,16] constant({...})
+  %y = f32[8,16] dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = u32[] constant(2)
+  %next = u32[] add(%i, %two)
+  ROOT %t = (u32[], f32[8,16]) tuple(%next, %y)
+}
+
+ENTRY %main (a: f32[8,16]) -> (u32[], f32[8,16]) {
+  %a = f32[8,16] parameter(0)
+  %zero = u32[] constant(0)
+  %start = u32[] copy(%zero)
+  %init = (u32[], f32[8,16]) tuple(%start, %a)
+  ROOT %loop = (u32[], f32[8,16]) while(%init), condition=%cond, body=%body
+}
+"""
+    assert hlo_matmul_flops(hlo) == 2 * (2 * 8 * 16 * 16)
+    assert hlo_matmul_breakdown(hlo)[0]["flops_per_chip"] == 2 * (2 * 8 * 16 * 16)
+    # starting at 1 with a bound of 4 and a step of 1: three iterations
+    shifted = hlo.replace("%zero = u32[] constant(0)", "%zero = u32[] constant(1)").replace("constant(2)", "constant(1)")
+    assert hlo_matmul_flops(shifted) == 3 * (2 * 8 * 16 * 16)
 
 
 def test_a_missing_libtpu_names_the_install_command(monkeypatch, tmp_path, capsys):
