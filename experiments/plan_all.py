@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,21 +31,13 @@ CONFIG = ROOT / "experiments" / "configs" / "plan_mola_2468.yaml"
 TARGET_FRACTION = 0.85  # of HBM per chip
 
 # name: (model, topology, extra overrides, remat policies to try in order, layers: None = all, N = the first N only)
-# The full-depth compiles need more host memory than this shared 24 GB machine had free (the 32-layer 7B
-# compile was OOM-killed at 7.4 GB resident after 30 min); the truncated ones run the same step on fewer layers.
+# Every target compiles at full depth since the train state is kept stacked over the scanned layers
+# (earlier records needed 2- and 4-layer compiles and extrapolated).
 TARGETS = {
     "7b-v5p-8": ("llama2-7b", "v5p-8", [], ["dots_no_batch", "full"], None),
     "7b-v4-8": ("llama2-7b", "v4-8", [], ["full"], None),
-    "7b-full-v5p-8": ("llama2-7b", "v5p-8", [], ["full"], None),  # dots_no_batch does not fit at 32 layers (extrapolated below)
     "13b-v5p-16": ("llama2-13b", "v5p-16", [], ["dots_no_batch", "full"], None),
     "70b-v5p-64": ("llama2-70b", "v5p-64", ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=4"], ["dots_no_batch", "full"], None),
-    "7b-4L-v5p-8": ("llama2-7b", "v5p-8", [], ["dots_no_batch", "full"], 4),
-    "7b-2L-v5p-8": ("llama2-7b", "v5p-8", [], ["dots_no_batch"], 2),
-    "7b-4L-v4-8": ("llama2-7b", "v4-8", [], ["full"], 4),
-    "7b-2L-v4-8": ("llama2-7b", "v4-8", [], ["full"], 2),
-    "13b-4L-v5p-16": ("llama2-13b", "v5p-16", [], ["full"], 4),
-    "13b-2L-v5p-16": ("llama2-13b", "v5p-16", [], ["full"], 2),
-    "70b-2L-v5p-64": ("llama2-70b", "v5p-64", ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=4"], ["dots_no_batch"], 2),
 }
 
 
@@ -122,31 +113,6 @@ def table(out_dir: Path) -> str:
                 f"{'yes' if r['fits'] else 'NO'} / {'yes' if r['hbm_fraction'] <= TARGET_FRACTION else 'NO'} | {r['flops_per_step']:.3e} | "
                 f"{r['analytic_flops_per_step']:.3e} | {r['flops_ratio']:.3f} | {r['compile_seconds']:.0f} | "
                 f"{r.get('load_before', [0])[0]:.1f} -> {r.get('load_after', [0])[0]:.1f} |")
-    rows += ["", "Full depth, extrapolated linearly in the layer count from the 2- and 4-layer compiles of the same step "
-             "(a scanned step's per-chip memory and FLOPs grow by the same amount per layer):", "",
-             "| target | remat | peak GiB/chip at full depth | % HBM | fits (90%) / <= 85% | GiB per layer | analytic FLOPs/step | "
-             "compiled FLOPs/step | ratio |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, (model, _, _, policies, layers) in TARGETS.items():
-        if layers != 4 or f"{name.replace('4L', '2L')}" not in TARGETS:
-            continue
-        for policy in policies:
-            p2, p4 = out_dir / f"{name.replace('4L', '2L')}-{policy}.json", out_dir / f"{name}-{policy}.json"
-            if not (p2.exists() and p4.exists()):
-                continue
-            r2, r4 = json.loads(p2.read_text()), json.loads(p4.read_text())
-            depth = full_depth(model)
-
-            def at_depth(key, sub=None):
-                v2, v4 = (r2[key][sub], r4[key][sub]) if sub else (r2[key], r4[key])
-                return v4 + (v4 - v2) / 2 * (depth - 4), (v4 - v2) / 2
-
-            peak, per_layer = at_depth("per_chip_bytes", "peak")
-            analytic, _ = at_depth("analytic_flops_per_step")
-            compiled, _ = at_depth("flops_per_step")
-            frac = peak / r4["hbm_bytes"]
-            rows.append(f"| {name.replace('-4L', '')} ({depth} layers) | {policy} | {peak / G:.1f} | {100 * frac:.0f}% | "
-                        f"{'yes' if frac <= 0.9 else 'NO'} / {'yes' if frac <= TARGET_FRACTION else 'NO'} | {per_layer / G:.2f} | "
-                        f"{analytic:.3e} | {compiled:.3e} | {compiled / analytic:.3f} |")
     return "\n".join(rows)
 
 
