@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from conftest import TINY, batch as make_batch, init_adapter, randomize, tiny_base
 from moe_lora_jax import LlamaForCausalLM
@@ -16,23 +17,29 @@ from moe_lora_jax.allocation import Allocation
 from moe_lora_jax.train.state import TrainState, stack_state, state_shapes, unstack_state
 from moe_lora_jax.train.step import describe_nonfinite, make_train_step
 
-CFG = TINY.replace(num_hidden_layers=3, scan_layers=True)
+CFG = TINY.replace(num_hidden_layers=2, scan_layers=True)
 AC = AdapterConfig(method="mola", rank=2, top_k=2, target_modules=("q", "down"),
-                   allocation=Allocation.from_counts({"q": (1, 3, 2), "down": (2, 2, 4)}))
+                   allocation=Allocation.from_counts({"q": (1, 3), "down": (2, 4)}))
+TX = optax.adamw(1e-2, weight_decay=0.1)  # decay too must leave the zero padding at zero
 
 
-def test_a_stacked_state_steps_like_the_per_layer_state_and_its_padding_stays_zero():
+@pytest.fixture(scope="module")
+def setup():
     base = tiny_base(CFG, seed=1)[1]
     adapter = randomize(init_adapter(CFG, AC), seed=2, scale=0.1)
-    tx = optax.adamw(1e-2, weight_decay=0.1)  # decay too must leave the zero padding at zero
-    per_layer = TrainState.create(adapter, tx, seed=0)
-    like = state_shapes(per_layer)
+    like = state_shapes(TrainState.create(adapter, TX, seed=0))
     ids, mask = make_batch(CFG, B=2, L=8)
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
-    model = LlamaForCausalLM(CFG, AC)
-    step = jax.jit(make_train_step(model, AC, tx, deterministic=True, state_like=like))
+    step = jax.jit(make_train_step(LlamaForCausalLM(CFG, AC), AC, TX, deterministic=True, state_like=like))
+    return base, adapter, like, batch, step
+
+
+def test_a_stacked_state_steps_like_the_per_layer_state_and_its_padding_stays_zero(setup):
+    base, adapter, like, batch, step = setup
+    tx = TX
+    per_layer = TrainState.create(adapter, tx, seed=0)
     stacked = stack_state(per_layer)
-    assert stacked.adapter["layers"]["self_attn"]["q_proj"]["lora_A"].shape[:2] == (3, 3)  # 3 layers x 3 experts (padded)
+    assert stacked.adapter["layers"]["self_attn"]["q_proj"]["lora_A"].shape[:2] == (2, 3)  # 2 layers x 3 experts (padded)
     for _ in range(3):
         per_layer, m_ref = step(per_layer, base, batch)
         stacked, m = step(stacked, base, batch)
@@ -51,19 +58,13 @@ def test_a_stacked_state_steps_like_the_per_layer_state_and_its_padding_stays_ze
         assert float(jnp.max(jnp.abs(tree["layers"]["self_attn"]["q_proj"]["lora_A"][0, 1:]))) == 0.0
 
 
-def test_the_guard_names_the_per_layer_leaf_of_a_stacked_state():
-    base = tiny_base(CFG, seed=1)[1]
-    adapter = randomize(init_adapter(CFG, AC), seed=2, scale=0.1)
-    tx = optax.adamw(1e-2)
-    per_layer = TrainState.create(adapter, tx, seed=0)
+def test_the_guard_names_the_per_layer_leaf_of_a_stacked_state(setup):
+    base, adapter, like, batch, step = setup
+    per_layer = TrainState.create(adapter, TX, seed=0)
     nu = per_layer.opt_state[0].nu  # an Inf second moment in one layer's leaf: finite gradients, an Inf optimizer state
-    nu["layers_2"]["mlp"]["down_proj"]["lora_B"] = nu["layers_2"]["mlp"]["down_proj"]["lora_B"].at[3, 0, 0].set(jnp.inf)
-    like = state_shapes(per_layer)
-    ids, mask = make_batch(CFG, B=2, L=8)
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
-    step = jax.jit(make_train_step(LlamaForCausalLM(CFG, AC), AC, tx, deterministic=True, state_like=like))
+    nu["layers_1"]["mlp"]["down_proj"]["lora_B"] = nu["layers_1"]["mlp"]["down_proj"]["lora_B"].at[3, 0, 0].set(jnp.inf)
     stacked, metrics = step(stack_state(per_layer), base, batch)
     assert int(metrics["nonfinite"]) == 1 and int(stacked.step) == 1
     what = describe_nonfinite(metrics["nonfinite/flags"], metrics["nonfinite/leaf"], like.adapter, like.opt_state)
     # (an Inf second moment makes a zero update, so the adapter itself stays finite)
-    assert what == "updated optimizer state (first at 0/nu/layers_2/mlp/down_proj/lora_B)", what
+    assert what == "updated optimizer state (first at 0/nu/layers_1/mlp/down_proj/lora_B)", what
