@@ -92,18 +92,17 @@ def _matmul_flops(opcode: str, out: list[int], operands: list[str], attrs: str, 
     # index is neither padding nor a dilation hole. XLA on TPU writes a batched or reshaped matmul as a
     # convolution whose window spans padding (window 4x2, pad 3_3x1_1 over size-1 dims): only one tap per
     # output is real, and counting the whole window overstated such a matmul 8x.
-    taps = 1
-    for i, c in enumerate(spatial):
-        n_in = lhs[lhs_labels.index(c)]
-        n_out = out[out_labels.index(c)] if c in out_labels and len(out) == len(out_labels) else 1
-        taps *= _valid_taps(n_in, n_out, **{k: v[i] for k, v in window.items()})
-    per_position = math.prod(out) / max(1, math.prod(out[out_labels.index(c)] for c in spatial if c in out_labels and len(out) == len(out_labels)))
+    labelled = len(out) == len(out_labels)
+    out_spatial = [out[out_labels.index(c)] if labelled and c in out_labels else 1 for c in spatial]
+    taps = math.prod(_valid_taps(lhs[lhs_labels.index(c)], n_out, **{k: v[i] for k, v in window.items()})
+                     for i, (c, n_out) in enumerate(zip(spatial, out_spatial)))
+    per_position = math.prod(out) / max(1, math.prod(out_spatial))
     return 2.0 * per_position * features / (int(groups.group(1)) if groups else 1) * taps
 
 
 def _window(attrs: str, ndims: int) -> dict[str, list[int]]:
-    """A convolution's window attributes, one value per spatial dim: size, pad_lo, pad_hi, stride,
-    lhs_dilate, rhs_dilate (XLA's defaults where absent)."""
+    """A convolution's window attributes, one value per spatial dim: size, pad_lo, stride, lhs_dilate,
+    rhs_dilate (XLA's defaults where absent; the high padding only sets the output size, which is known)."""
     body = re.search(r"window=\{([^}]*)\}", attrs)
     text = body.group(1) if body else ""
 
@@ -112,12 +111,12 @@ def _window(attrs: str, ndims: int) -> dict[str, list[int]]:
         return [int(v) for v in m.group(1).split("x")] if m else [default] * ndims
 
     pads = re.search(r"\bpad=([\d_x-]+)", text)
-    lo_hi = [tuple(int(v) for v in p.split("_")) for p in pads.group(1).split("x")] if pads else [(0, 0)] * ndims
-    return {"size": field("size", 1), "pad_lo": [p[0] for p in lo_hi], "pad_hi": [p[1] for p in lo_hi],
-            "stride": field("stride", 1), "lhs_dilate": field("lhs_dilate", 1), "rhs_dilate": field("rhs_dilate", 1)}
+    pad_lo = [int(p.split("_")[0]) for p in pads.group(1).split("x")] if pads else [0] * ndims
+    return {"size": field("size", 1), "pad_lo": pad_lo, "stride": field("stride", 1),
+            "lhs_dilate": field("lhs_dilate", 1), "rhs_dilate": field("rhs_dilate", 1)}
 
 
-def _valid_taps(n_in: int, n_out: int, size: int, pad_lo: int, pad_hi: int, stride: int, lhs_dilate: int, rhs_dilate: int) -> int:
+def _valid_taps(n_in: int, n_out: int, size: int, pad_lo: int, stride: int, lhs_dilate: int, rhs_dilate: int) -> int:
     """(output position, window tap) pairs of one spatial dim that read real input: not padding, not a hole
     of the input's dilation."""
     span = (n_in - 1) * lhs_dilate + 1  # the dilated input

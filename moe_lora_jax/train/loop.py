@@ -350,10 +350,11 @@ def _train(
     # Scanned layers: the state stays stacked over layers between steps (train/state.py); checkpoints,
     # the final adapter and RunResult.state get each layer's exact shapes back.
     like, per_layer_sh = state_shapes(state), state_sh
+    unstacked = lambda s: s  # noqa: E731
     if scans(run.model_config, ac):
         state_sh = stack_state(state_sh)
         state = jax.jit(stack_state, out_shardings=state_sh)(state)
-    unstacked = jax.jit(lambda s: unstack_state(s, like), out_shardings=per_layer_sh) if state_sh is not per_layer_sh else (lambda s: s)
+        unstacked = jax.jit(lambda s: unstack_state(s, like), out_shardings=per_layer_sh)
     if main:  # the checkpoint (if any) is this run's: only now is anything written
         save_resolved(config, out_dir)
         if ac.allocation is not None and not (out_dir / "allocation.json").exists():

@@ -48,9 +48,9 @@ from moe_lora_jax.losses import RouterStat, _layer_top_k, _stat_k, router_stats,
 from moe_lora_jax.model.scan import scans
 from moe_lora_jax.parallel.mesh import BATCH_AXES
 from moe_lora_jax.parallel.rules import batch_sharding
-from moe_lora_jax.stacking import LAYERS, is_stacked, map_layer_dicts, stack_layers, unstack_layers
+from moe_lora_jax.stacking import LAYERS, is_stacked
 from moe_lora_jax.train.optim import path_str
-from moe_lora_jax.train.state import TrainState
+from moe_lora_jax.train.state import TrainState, stack_state, unstack_state
 
 Batch = Mapping[str, jax.Array]
 
@@ -246,15 +246,12 @@ def make_train_step(
         batch = dict(batch)
         n_total = response_tokens(batch)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        per_layer = state if stacked and not is_stacked(state.adapter) else None  # stacked on entry, cropped on exit
+        if per_layer is not None:
+            state = stack_state(state)
+        ref = per_layer if per_layer is not None else state_like if is_stacked(state.adapter) else None
+        like = (None, None) if ref is None else (ref.adapter, ref.opt_state)  # per-layer shapes and leaf order
         adapter, opt_state = state.adapter, state.opt_state
-        stack_here = stacked and not is_stacked(adapter)  # a per-layer state: stacked on entry, cropped on exit
-        if stack_here:
-            like = (adapter, opt_state)  # per-layer shapes and leaf order
-            adapter, opt_state = stack_layers(adapter), map_layer_dicts(stack_layers, opt_state)
-        elif is_stacked(adapter) and state_like is not None:
-            like = (state_like.adapter, state_like.opt_state)
-        else:
-            like = (None, None)
         if grad_accum == 1:
             objective, (metrics, extra), grads = _one(grad_fn, adapter, base_params, batch, key, n_total)
             per_micro = jax.tree.map(lambda x: x[None], (metrics, extra))
@@ -282,9 +279,6 @@ def make_train_step(
         (new_adapter, new_opt_state), update_bad, update_leaf = jax.lax.cond(
             finite, lambda o: _apply_update(o, like), lambda o: _skip_update(o, like), (adapter, opt_state, grads)
         )
-        if stack_here:
-            new_adapter = unstack_layers(new_adapter, like=state.adapter)
-            new_opt_state = map_layer_dicts(unstack_layers, new_opt_state, state.opt_state)
         flags = jnp.concatenate([jnp.stack([~loss_ok, ~jnp.all(grads_ok)]), update_bad]).astype(jnp.int32)
         first_leaf = jnp.concatenate([jnp.array([-1], jnp.int32), _first_false(grads_ok)[None], update_leaf])
         finite = ~jnp.any(flags > 0)
@@ -295,6 +289,8 @@ def make_train_step(
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1).astype(jnp.int32),
         )
+        if per_layer is not None:
+            new_state = unstack_state(new_state, like=per_layer)
         metrics.update(grad_norm=grad_norm, tokens=n_total, nonfinite=(~finite).astype(jnp.int32))
         metrics["nonfinite/flags"], metrics["nonfinite/leaf"] = flags, first_leaf
         if lr_schedule is not None:
