@@ -19,6 +19,7 @@ import sys
 from typing import Sequence
 
 from moe_lora_jax.cli.allocate import add_allocate_parser, add_analyze_parser
+from moe_lora_jax.cli.common import configure_logging
 from moe_lora_jax.cli.convert import add_convert_parser
 from moe_lora_jax.cli.eval import add_eval_parser
 from moe_lora_jax.cli.generate import add_generate_parser
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return args.func(args)
     except MoeLoraError as e:

@@ -170,3 +170,21 @@ def test_one_recipe_dispatch_for_train_config_and_allocate():
         resolve_allocation({"method": "mola-triangle", "total": 20}, None, 4)
     with pytest.raises(MoeLoraError, match="weights"):
         allocate_recipe("alphalora", 4, 12)
+
+
+def test_the_packages_warnings_print_as_plain_lines_whatever_the_root_logger_does(capsys):
+    import logging
+
+    from moe_lora_jax.cli.common import configure_logging
+
+    root = logging.getLogger()
+    basic = logging.StreamHandler(sys.stderr)  # what a library's module-level logging.warning installs
+    basic.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    root.addHandler(basic)
+    try:
+        configure_logging()
+        configure_logging()  # every `main` call configures: still one handler
+        logging.getLogger("moe_lora_jax.data.pipeline").warning("train: 3/4 examples kept")
+    finally:
+        root.removeHandler(basic)
+    assert capsys.readouterr().err == "train: 3/4 examples kept\n"
