@@ -10,8 +10,8 @@ the runner's table, then what the table alone does not show:
   match, with two-sided p-values of Welch's t-test and of the paired t-test over seeds (with 2-3
   seeds a p above 0.05 means "no evidence", not "equal");
 - the routing at the last logged train step (metrics.jsonl): mean load CV² and normalised entropy
-  over the layers, mean ± std over seeds; and the routing analyses' headlines (expert-load task
-  separation, the experts' mean cosine distance).
+  over the layers, mean ± std over seeds; and the routing analyses' headlines (task separation of the
+  expert load, or of MiLoRA's module selection; the experts' mean cosine distance).
 
 A "## Reading" section already in the file is kept (it is written by hand after looking at the numbers);
 rerunning the script refreshes everything above it.
@@ -32,6 +32,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps
+
+from moe_lora_jax.sweep.analyses import headline
 
 ROOT = Path(__file__).resolve().parents[2]
 PLOTS = ("loss_curves.png", "metrics_bars.png", "exact_match_per_task.png")
@@ -97,8 +99,18 @@ def comparison_table(arms: list[Mapping[str, Any]], reference: str) -> str:
     return "\n".join(lines)
 
 
+def task_separation(run: Path, analyses: Mapping[str, Any]) -> float | None:
+    """The run's task separation: of its experts' load, or of MiLoRA's prompt-level module selection (mean
+    over layers; read from routing/milora_modules.json for runs recorded before the sweep stored it)."""
+    for name in ("expert_load", "milora_modules"):
+        if analyses.get(name, {}).get("task_separation") is not None:
+            return analyses[name]["task_separation"]
+    path = run / "routing" / "milora_modules.json"
+    return headline(json.loads(path.read_text()), "task_separation") if path.exists() else None
+
+
 def routing_table(study_dir: Path, arms: list[Mapping[str, Any]]) -> str:
-    lines = ["| arm | load CV² (last step) | entropy / log E | expert-load task separation | experts' mean cosine distance |",
+    lines = ["| arm | load CV² (last step) | entropy / log E | task separation | experts' mean cosine distance |",
              "|---|---|---|---|---|"]
     any_row = False
     for a in arms:
@@ -110,8 +122,8 @@ def routing_table(study_dir: Path, arms: list[Mapping[str, Any]]) -> str:
                 cv2.append(r["load_cv2"])
                 ent.append(r["entropy_norm"])
             an = json.loads((run / "sweep_result.json").read_text()).get("analyses", {})
-            if "expert_load" in an and an["expert_load"].get("task_separation") is not None:
-                sep.append(an["expert_load"]["task_separation"])
+            if (ts := task_separation(run, an)) is not None:
+                sep.append(ts)
             if "expert_redundancy" in an and an["expert_redundancy"].get("mean_cosine_distance") is not None:
                 dist.append(an["expert_redundancy"]["mean_cosine_distance"])
         if cv2 or sep or dist:
@@ -191,7 +203,9 @@ def main() -> None:
     if routing:
         parts += ["## Routing", "",
                   "Mean over layers at the last logged train step (load CV²: variance over mean² of each expert's share of the "
-                  "top-k selections; 0 is perfectly even), and the routing analyses' headlines (docs/analysis.md), mean ± std over seeds.",
+                  "top-k selections; 0 is perfectly even), and the routing analyses' headlines (docs/analysis.md), mean ± std over seeds. "
+                  "Task separation: the mean total-variation distance between two tasks' expert loads (MiLoRA: between their rates of "
+                  "selecting each LoRA module), 0 when every task routes alike, 1 when no two share an expert.",
                   "", routing, ""]
     path = ROOT / "experiments" / "results" / f"reproduce_{name}.md"
     reading = ""

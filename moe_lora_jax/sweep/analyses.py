@@ -17,7 +17,18 @@ from moe_lora_jax.analysis.runner import run_routing_analyses
 
 ROUTING_DIR = "routing"
 # The scalar of each analysis worth comparing across arms (None where the analysis has no single number).
-HEADLINES = {"expert_load": "task_separation", "expert_redundancy": "mean_cosine_distance"}
+# MiLoRA's module selection stores its task separation per layer: the headline is the mean over layers.
+HEADLINES = {"expert_load": "task_separation", "expert_redundancy": "mean_cosine_distance",
+             "milora_modules": "task_separation"}
+
+
+def headline(doc: dict[str, Any], key: str) -> float | None:
+    """`doc[key]`, or the mean of its defined values when the analysis stores one per layer."""
+    value = doc.get(key)
+    if isinstance(value, list):
+        defined = [v for v in value if v is not None]
+        return float(sum(defined) / len(defined)) if defined else None
+    return value
 
 
 def run_analyses(run_dir: Path, adapter_config: Any) -> dict[str, Any]:
@@ -36,6 +47,6 @@ def run_analyses(run_dir: Path, adapter_config: Any) -> dict[str, Any]:
         doc = json.loads((out / f"{name}.json").read_text())
         entry: dict[str, Any] = {"json": f"{ROUTING_DIR}/{name}.json", "png": f"{ROUTING_DIR}/{name}.png"}
         if name in HEADLINES:
-            entry[HEADLINES[name]] = doc.get(HEADLINES[name])
+            entry[HEADLINES[name]] = headline(doc, HEADLINES[name])
         result[name] = entry
     return result
