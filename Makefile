@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench reproduce-quick clean
+.PHONY: install demo test bench reproduce-quick reproduce clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: install
 # (finished runs are skipped). Tables and plots in runs/reproduce-quick/; see docs/reproduce.md.
 reproduce-quick: install
 	$(BIN)/moe-lora sweep --study experiments/reproduce/quick.yaml --out runs/reproduce-quick
+
+# All five studies of experiments/reproduce/ in two lanes (runs/studies/; resumable; see docs/reproduce.md).
+reproduce: install
+	BIN=$(BIN) experiments/reproduce/run_all.sh runs/studies
 
 clean:
 	rm -rf $(VENV) build *.egg-info

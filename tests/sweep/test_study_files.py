@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from moe_lora_jax.sweep.plan import plan_runs
 from moe_lora_jax.sweep.study import load_study
 
 REPRODUCE = Path(__file__).resolve().parents[2] / "experiments" / "reproduce"
@@ -18,6 +19,15 @@ def test_every_shipped_study_parses(path):
     study = load_study(path)
     assert study.arms and study.seeds
     assert len({a.name for a in study.arms}) == len(study.arms)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_every_arm_of_every_study_is_a_valid_train_config(path, tmp_path):
+    study = load_study(path)
+    runs = plan_runs(study, tmp_path)  # builds each run's TrainConfig: a bad override raises here, naming its arm
+    assert len(runs) == len(study.arms) * len(study.seeds)
+    for run in runs:
+        assert run.config.seed == run.seed and run.config.data.seed == run.seed
 
 
 def test_the_five_studies_and_the_quick_one_are_shipped():
