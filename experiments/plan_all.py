@@ -30,40 +30,25 @@ RESULTS = ROOT / "experiments" / "results"
 CONFIG = ROOT / "experiments" / "configs" / "plan_mola_2468.yaml"
 TARGET_FRACTION = 0.85  # of HBM per chip
 
-# name: (model, topology, extra overrides, remat policies to try in order, layers: None = all, N = the first N only)
-# Every target compiles at full depth since the train state is kept stacked over the scanned layers
-# (earlier records needed 2- and 4-layer compiles and extrapolated).
+# name: (model, topology, extra overrides, remat policies to try in order). Every target compiles at
+# full depth since the train state is kept stacked over the scanned layers (earlier records needed
+# 2- and 4-layer compiles and extrapolated).
 TARGETS = {
-    "7b-v5p-8": ("llama2-7b", "v5p-8", [], ["dots_no_batch", "full"], None),
-    "7b-v4-8": ("llama2-7b", "v4-8", [], ["full"], None),
-    "13b-v5p-16": ("llama2-13b", "v5p-16", [], ["dots_no_batch", "full"], None),
-    "70b-v5p-64": ("llama2-70b", "v5p-64", ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=4"], ["dots_no_batch", "full"], None),
+    "7b-v5p-8": ("llama2-7b", "v5p-8", [], ["dots_no_batch", "full"]),
+    "7b-v4-8": ("llama2-7b", "v4-8", [], ["full"]),
+    "13b-v5p-16": ("llama2-13b", "v5p-16", [], ["dots_no_batch", "full"]),
+    "70b-v5p-64": ("llama2-70b", "v5p-64", ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=4"], ["dots_no_batch", "full"]),
 }
 
 
-def model_arg(model: str, layers: int | None, work: Path) -> tuple[str, int]:
-    """(--model value, layer count): the named shape, or a config.json of its first `layers` layers."""
-    from moe_lora_jax.plan import NAMED_SHAPES
-
-    if layers is None:
-        return model, full_depth(model)
-    path = work / f"{model}-{layers}L" / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**NAMED_SHAPES[model], "num_hidden_layers": layers}))
-    return str(path), layers
-
-
 def run_target(name: str, out_dir: Path, timeout: int) -> list[dict]:
-    import tempfile
-
-    model, topology, extra, policies, layers = TARGETS[name]
-    model_path, n_layers = model_arg(model, layers, Path(tempfile.mkdtemp(prefix="plan-")))
-    extra = [f"adapter.allocation.total={5 * n_layers}", *extra]  # 2468: 5 experts per layer on average
+    model, topology, extra, policies = TARGETS[name]
+    extra = [f"adapter.allocation.total={5 * full_depth(model)}", *extra]  # 2468: 5 experts per layer on average
     reports = []
     for policy in policies:
         path = out_dir / f"{name}-{policy}.json"
         if not path.exists():
-            cmd = [sys.executable, "-m", "moe_lora_jax.cli", "plan", "--model", model_path, "--topology", topology, "--config", str(CONFIG),
+            cmd = [sys.executable, "-m", "moe_lora_jax.cli", "plan", "--model", model, "--topology", topology, "--config", str(CONFIG),
                    "--set", f"model.remat={policy}", *sum((["--set", s] for s in extra), []), "--json", str(path)]
             load = os.getloadavg()
             print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {' '.join(cmd[2:])}", flush=True)
@@ -75,7 +60,7 @@ def run_target(name: str, out_dir: Path, timeout: int) -> list[dict]:
                 print(f"{name} with remat {policy} failed: exit status {proc.returncode} after {time.perf_counter() - t0:.0f} s", flush=True)
                 return reports
             report = json.loads(path.read_text())
-            report.update(model=model if layers is None else f"{model} (first {layers} of {full_depth(model)} layers)",
+            report.update(model=model,
                           wall_seconds=time.perf_counter() - t0, load_before=list(load), load_after=list(os.getloadavg()),
                           command="moe-lora " + " ".join(cmd[3:-2]),
                           date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))

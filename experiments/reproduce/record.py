@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import stats as sps
 
-from moe_lora_jax.sweep.analyses import headline
+from moe_lora_jax.sweep.analyses import HEADLINES, headline
 
 ROOT = Path(__file__).resolve().parents[2]
 PLOTS = ("loss_curves.png", "metrics_bars.png", "exact_match_per_task.png")
@@ -102,7 +102,7 @@ def comparison_table(arms: list[Mapping[str, Any]], reference: str) -> str:
 def task_separation(run: Path, analyses: Mapping[str, Any]) -> float | None:
     """The run's task separation: of its experts' load, or of MiLoRA's prompt-level module selection (mean
     over layers; read from routing/milora_modules.json for runs recorded before the sweep stored it)."""
-    for name in ("expert_load", "milora_modules"):
+    for name in (n for n, key in HEADLINES.items() if key == "task_separation"):
         if analyses.get(name, {}).get("task_separation") is not None:
             return analyses[name]["task_separation"]
     path = run / "routing" / "milora_modules.json"

@@ -15,15 +15,10 @@ STUDIES = sorted(p for p in REPRODUCE.glob("*.yaml") if p.name != "base.yaml")
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
-def test_every_shipped_study_parses(path):
+def test_every_shipped_study_parses_and_each_arm_is_a_valid_train_config(path, tmp_path):
     study = load_study(path)
     assert study.arms and study.seeds
     assert len({a.name for a in study.arms}) == len(study.arms)
-
-
-@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
-def test_every_arm_of_every_study_is_a_valid_train_config(path, tmp_path):
-    study = load_study(path)
     runs = plan_runs(study, tmp_path)  # builds each run's TrainConfig: a bad override raises here, naming its arm
     assert len(runs) == len(study.arms) * len(study.seeds)
     for run in runs:

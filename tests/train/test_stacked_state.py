@@ -36,8 +36,7 @@ def setup():
 
 def test_a_stacked_state_steps_like_the_per_layer_state_and_its_padding_stays_zero(setup):
     base, adapter, like, batch, step = setup
-    tx = TX
-    per_layer = TrainState.create(adapter, tx, seed=0)
+    per_layer = TrainState.create(adapter, TX, seed=0)
     stacked = stack_state(per_layer)
     assert stacked.adapter["layers"]["self_attn"]["q_proj"]["lora_A"].shape[:2] == (2, 3)  # 2 layers x 3 experts (padded)
     for _ in range(3):
@@ -48,7 +47,7 @@ def test_a_stacked_state_steps_like_the_per_layer_state_and_its_padding_stays_ze
     back = unstack_state(stacked, like)
     assert jax.tree.structure(back) == jax.tree.structure(per_layer)
     moved = 0.0
-    for x, y, x0 in zip(jax.tree.leaves(back), jax.tree.leaves(per_layer), jax.tree.leaves(TrainState.create(adapter, tx))):
+    for x, y, x0 in zip(jax.tree.leaves(back), jax.tree.leaves(per_layer), jax.tree.leaves(TrainState.create(adapter, TX))):
         assert x.shape == y.shape
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
         moved = max(moved, float(np.max(np.abs(np.asarray(y, np.float64) - np.asarray(x0, np.float64)))))
